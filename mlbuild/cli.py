@@ -1,0 +1,388 @@
+"""The command line: parse, call ``mlbuild.api``, print. Nothing else lives here.
+
+``main`` is the one place that turns errors into exit codes (see mlbuild.errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+
+from mlbuild import __version__
+from mlbuild.errors import (EXIT_BROKEN, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK,
+                            ManifestError, MlbuildError)
+
+
+class Obj:
+    def __init__(self, directory: str, file: str | None, verbose: bool, as_json: bool):
+        self.directory = directory
+        self.file = file
+        self.verbose = verbose
+        self.json = as_json
+
+    @property
+    def where(self) -> dict:
+        return {"directory": self.directory, "file": self.file}
+
+
+pass_obj = click.make_pass_decorator(Obj)
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-C", "directory", default=".", metavar="DIR", show_default=True,
+              help="Run as if started in DIR.")
+@click.option("-f", "--file", "file", default=None, metavar="FILE",
+              help="Manifest file (default: mlproject.yaml in DIR).")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and more detail.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.version_option(__version__, prog_name="mlbuild")
+@click.pass_context
+def cli(ctx: click.Context, directory, file, verbose, as_json):
+    """mlbuild: build and deploy ML model services from mlproject.yaml,
+    doing only the work whose inputs changed."""
+    ctx.obj = Obj(directory, file, verbose, as_json)
+
+
+# -- init / validate ----------------------------------------------------------------------
+
+@cli.command()
+@click.option("--name", help="Project name (default: the folder's name).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@pass_obj
+def init(o: Obj, name, force):
+    """Scaffold a project that deploys as is."""
+    from mlbuild import api
+
+    written = api.init(o.directory, name, force)
+    if o.json:
+        return _emit_json({"written": written})
+    for f in written:
+        click.echo(f"wrote {f}")
+    click.echo("next: mlbuild deploy")
+
+
+@cli.command()
+@pass_obj
+def validate(o: Obj):
+    """Check the manifest; report every problem at once."""
+    from mlbuild import api
+
+    p = api.validate(**o.where)
+    if o.json:
+        return _emit_json({"valid": True, "project": p.name, "models": list(p.models),
+                           "environments": list(p.environments), "services": list(p.services),
+                           "targets": list(p.targets), "default_target": p.default_target})
+    click.echo(f"{p.manifest_path.name}: valid — project {p.name}: {len(p.models)} models, "
+               f"{len(p.environments)} environments, {len(p.services)} services, "
+               f"{len(p.targets)} targets (default: {p.default_target})")
+
+
+# -- plan / graph / build / deploy ---------------------------------------------------------
+
+_LABEL = {"up-to-date": "up to date", "would-run": "will run", "ran": "ran",
+          "failed": "FAILED", "not-run": "not run"}
+
+
+@cli.command()
+@click.argument("target", required=False)
+@pass_obj
+def plan(o: Obj, target):
+    """Show what deploy TARGET would do, and why each step would run."""
+    from mlbuild import api
+
+    r = api.plan(target=target, **o.where)
+    if o.json:
+        return _emit_json({"target": r.target.name, "steps": [x.to_json() for x in r.outcomes]})
+    todo = r.count("would-run")
+    click.echo(f"target {r.target.name} ({r.target.type}): {len(r.outcomes)} steps, "
+               f"{todo} to run")
+    width = max((len(x.id) for x in r.outcomes), default=0)
+    for x in r.outcomes:
+        why = f"  ({'; '.join(x.reasons)})" if x.reasons else ""
+        click.echo(f"  {_LABEL[x.status]:<10}  {x.id:<{width}}{why}")
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--format", "fmt", type=click.Choice(["text", "dot", "mermaid"]), default="text",
+              show_default=True)
+@pass_obj
+def graph(o: Obj, target, fmt):
+    """Print the step graph of TARGET."""
+    from mlbuild import api
+
+    click.echo(api.graph(target=target, fmt=fmt, **o.where))
+
+
+class Reporter:
+    """Prints steps as they are decided and run."""
+
+    def __init__(self, o: Obj):
+        self.o = o
+        self.width = 24
+
+    def __call__(self, event: str, x) -> None:
+        if self.o.json:
+            return
+        if event == "start":
+            why = "; ".join(x.reasons)
+            click.echo(f"  run         {x.id}  ({why})", err=True)
+            return
+        if x.status == "up-to-date":
+            if self.o.verbose:
+                click.echo(f"  up to date  {x.id}", err=True)
+        elif x.status == "ran":
+            click.echo(f"  done        {x.id}  {x.summary} [{x.duration:.2f} s]", err=True)
+        elif x.status == "failed":
+            click.echo(f"  FAILED      {x.id}: {x.error}", err=True)
+
+
+def _run_verb(o: Obj, verb: str, target, force: bool):
+    from mlbuild import api
+
+    started = time.monotonic()
+    fn = api.deploy if verb == "deploy" else api.build
+    r = fn(target=target, on_event=Reporter(o), force=force, **o.where)
+    took = time.monotonic() - started
+    if o.json:
+        return _emit_json({"target": r.target.name, "seconds": round(took, 3),
+                           "steps": [x.to_json() for x in r.outcomes]})
+    ran, fresh = r.count("ran"), r.count("up-to-date")
+    if ran == 0:
+        click.echo(f"{verb} {r.target.name}: up to date ({fresh} steps checked, {took:.2f} s)")
+    else:
+        click.echo(f"{verb} {r.target.name}: {ran} steps ran, {fresh} up to date ({took:.2f} s)")
+    for x in r.outcomes:
+        if x.kind == "package" and x.outputs:
+            click.echo(f"  package: {x.outputs['dir']}")
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--force", is_flag=True, help="Run every step, even those up to date.")
+@pass_obj
+def build(o: Obj, target, force):
+    """Build what TARGET needs (models, build contexts, images) without deploying."""
+    _run_verb(o, "build", target, force)
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--force", is_flag=True, help="Run every step, even those up to date.")
+@pass_obj
+def deploy(o: Obj, target, force):
+    """Bring TARGET (default: default_target) up to date."""
+    _run_verb(o, "deploy", target, force)
+
+
+@cli.command()
+@click.option("--packages", is_flag=True, help="Also remove package target directories.")
+@click.option("--all", "everything", is_flag=True,
+              help="Remove all of .mlbuild, the model registry included.")
+@click.option("--yes", is_flag=True, help="Do not ask before --all.")
+@pass_obj
+def clean(o: Obj, packages, everything, yes):
+    """Remove build contexts and step records (the next deploy redoes every step)."""
+    from mlbuild import api
+
+    if everything and not yes:
+        click.confirm("Remove .mlbuild, including every registered model version?", abort=True)
+    removed = api.clean(packages=packages, everything=everything, **o.where)
+    if o.json:
+        return _emit_json({"removed": removed})
+    click.echo("removed " + ", ".join(removed) if removed else "nothing to remove")
+
+
+# -- models -----------------------------------------------------------------------------------
+
+@cli.group()
+def models():
+    """The model registry: register, list, show, download, delete, tag."""
+
+
+def _kv(pairs, what: str) -> dict:
+    from mlbuild.errors import InvalidInput
+
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise InvalidInput(f"{what} {p!r} is not KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def _print_version(mv) -> None:
+    click.echo(f"{mv.ref}  {mv.digest[:19]}  {mv.size} bytes  {len(mv.files)} files")
+    for label, val in (("description", mv.description), ("framework", mv.framework),
+                       ("framework_version", mv.framework_version), ("source", mv.source)):
+        if val:
+            click.echo(f"  {label}: {val}")
+    if mv.tags:
+        click.echo("  tags: " + ", ".join(f"{k}={v}" for k, v in sorted(mv.tags.items())))
+    if mv.properties:
+        click.echo("  properties: " + ", ".join(f"{k}={v}" for k, v in sorted(mv.properties.items())))
+    if mv.resources:
+        click.echo("  resources: " + ", ".join(f"{k}={v}" for k, v in mv.resources.items() if v))
+
+
+@models.command("register")
+@click.argument("path")
+@click.option("--name", "-n", required=True, help="Model name.")
+@click.option("--description", "-d")
+@click.option("--tag", "-t", "tags", multiple=True, metavar="KEY=VALUE")
+@click.option("--property", "-p", "props", multiple=True, metavar="KEY=VALUE")
+@click.option("--framework")
+@click.option("--framework-version")
+@click.option("--cpu", type=float)
+@click.option("--memory-gb", type=float)
+@pass_obj
+def models_register(o: Obj, path, name, description, tags, props, framework, framework_version,
+                    cpu, memory_gb):
+    """Register the file or folder PATH as a new version of model NAME."""
+    from mlbuild import api
+
+    resources = {"cpu": cpu, "memory_gb": memory_gb} if (cpu or memory_gb) else None
+    mv, created = api.models_register(
+        path, name, description=description, tags=_kv(tags, "tag"),
+        properties=_kv(props, "property"), framework=framework,
+        framework_version=framework_version, resources=resources, **o.where)
+    if o.json:
+        return _emit_json({"created": created, **mv.to_dict()})
+    if created:
+        click.echo(f"registered {mv.ref} ({mv.size} bytes)")
+    else:
+        click.echo(f"{mv.ref} already holds this content: no new version")
+
+
+@models.command("list")
+@click.argument("name", required=False)
+@pass_obj
+def models_list(o: Obj, name):
+    """List registered models (every version of NAME)."""
+    from mlbuild import api
+
+    versions = api.models_list(name=name, **o.where)
+    if o.json:
+        return _emit_json([mv.to_dict() for mv in versions])
+    if not versions:
+        click.echo("no registered models")
+        return
+    for mv in versions:
+        tags = ", ".join(f"{k}={v}" for k, v in sorted(mv.tags.items()))
+        click.echo(f"{mv.ref:<24} {mv.size:>12} B  {mv.digest[7:19]}  {tags}")
+
+
+@models.command("show")
+@click.argument("ref", metavar="NAME[@VERSION]")
+@pass_obj
+def models_show(o: Obj, ref):
+    """Show one version (default: the latest)."""
+    from mlbuild import api
+
+    mv = api.models_show(ref, **o.where)
+    if o.json:
+        return _emit_json(mv.to_dict())
+    _print_version(mv)
+    for p, d, s in mv.files:
+        click.echo(f"  {p}  {s} B  {d[7:19]}")
+
+
+@models.command("download")
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.option("-o", "--out", help="Folder to write to (default: NAME-VERSION).")
+@pass_obj
+def models_download(o: Obj, ref, out):
+    """Copy a version's files out of the registry."""
+    from mlbuild import api
+
+    dest = api.models_download(ref, out, **o.where)
+    if o.json:
+        return _emit_json({"out": str(dest)})
+    click.echo(f"wrote {dest}")
+
+
+@models.command("delete")
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting every version.")
+@pass_obj
+def models_delete(o: Obj, ref, yes):
+    """Delete one version, or every version of NAME."""
+    from mlbuild import api
+
+    if "@" not in ref and not yes:
+        click.confirm(f"Delete every version of {ref}?", abort=True)
+    gone = api.models_delete(ref, **o.where)
+    if o.json:
+        return _emit_json({"deleted": [mv.ref for mv in gone]})
+    click.echo("deleted " + ", ".join(mv.ref for mv in gone))
+
+
+@models.command("tag")
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.argument("tags", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--remove", "-r", multiple=True, metavar="KEY", help="Remove a tag.")
+@pass_obj
+def models_tag(o: Obj, ref, tags, remove):
+    """Set or remove tags of a version."""
+    from mlbuild import api
+
+    mv = api.models_tag(ref, _kv(tags, "tag"), list(remove), **o.where)
+    if o.json:
+        return _emit_json(mv.to_dict())
+    _print_version(mv)
+
+
+# -- the one place errors become exit codes --------------------------------------------------
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> None:
+    """Entry point of the ``mlbuild`` console script and ``python -m mlbuild``."""
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        cli.main(args=argv, prog_name="mlbuild", standalone_mode=False)
+        code = EXIT_OK
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        code = EXIT_INTERRUPTED
+    except click.exceptions.ClickException as e:
+        e.show()
+        code = EXIT_INVALID
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except MlbuildError as e:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"error: {e.message}", err=True)
+        if e.hint:
+            click.echo(f"hint: {e.hint}", err=True)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished steps are recorded; run again to do the rest", err=True)
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        code = EXIT_OK
+    except Exception as e:  # a bug or an unexpected failure of a backend
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"error: mlbuild broke: {type(e).__name__}: {e}", err=True)
+        click.echo("hint: run again with --verbose for the traceback, and report it", err=True)
+        code = EXIT_BROKEN
+    sys.exit(code)

@@ -1,0 +1,144 @@
+"""The planner: a Project and a target become a DAG of steps.
+
+For a package target::
+
+    model:ridge ──┐
+                  ├─▶ context:diabetes ──▶ package:bundle/diabetes
+    model:lasso ──┘
+
+(docker adds ``image`` → ``push`` → ``deploy`` → ``health`` after ``context``;
+conda/pip locking adds ``lock:ENV`` before it. Those kinds come with later work;
+their targets are refused plainly until then.)
+
+The graph is a ``networkx.DiGraph``. Importing networkx costs more than a whole
+no-op run may take, so the planned steps (topologically sorted) are cached in the
+state database under a key of the manifest's digest, the target and the planner's
+version: a no-op run never imports networkx.
+"""
+
+from __future__ import annotations
+
+from mlbuild import __version__
+from mlbuild.errors import NotSupported
+from mlbuild.graph.step import StepSpec
+from mlbuild.manifest.model import Project, Target
+from mlbuild.state.digest import hash_json
+
+PLANNER_VERSION = 1
+
+# What each target type needs, and which later work brings what is missing.
+NOT_YET = {
+    "process": "the process target (the serving runtime as a local process) is not "
+               "built yet (issue: serving runtime)",
+    "docker": "the docker target is not built yet (issue: Docker images and the docker target)",
+    "kubernetes": "the kubernetes target is not built yet",
+}
+
+
+def _model_step_id(ref) -> str:
+    return f"model:{ref}"
+
+
+def build_graph(project: Project, target: Target):
+    """The step DAG for deploying ``target``. Nodes carry a ``spec`` attribute.
+
+    Raises:
+        NotSupported: the target's type cannot be deployed by this version.
+    """
+    import networkx as nx
+
+    if target.type in NOT_YET:
+        raise NotSupported(
+            f"target {target.name!r}: {NOT_YET[target.type]}",
+            hint="deploy a package target (type: package) meanwhile",
+        )
+    g = nx.DiGraph()
+
+    def add(spec: StepSpec) -> None:
+        if spec.id not in g:
+            g.add_node(spec.id, spec=spec)
+        for dep in spec.deps:
+            g.add_edge(dep, spec.id)
+
+    for service in project.services_for(target):
+        model_ids = []
+        for ref in service.models:
+            sid = _model_step_id(ref)
+            add(StepSpec(sid, "model", {"model": ref.name, "version": ref.version}))
+            model_ids.append(sid)
+        ctx_id = f"context:{service.name}"
+        add(StepSpec(ctx_id, "context", {"service": service.name}, model_ids))
+        if target.type == "package":
+            add(StepSpec(f"package:{target.name}/{service.name}", "package",
+                         {"service": service.name, "target": target.name}, [ctx_id]))
+    assert nx.is_directed_acyclic_graph(g)
+    return g
+
+
+def plan_key(project: Project, target: Target) -> str:
+    return hash_json([project.manifest_digest, target.name, __version__, PLANNER_VERSION])
+
+
+def plan_steps(project: Project, target: Target, db=None) -> list[StepSpec]:
+    """The steps of ``target`` in a deterministic topological order (cached in ``db``)."""
+    key = plan_key(project, target)
+    if db is not None:
+        cached = db.get_plan(key)
+        if cached is not None:
+            return [StepSpec.from_json(d) for d in cached]
+    import networkx as nx
+
+    g = build_graph(project, target)
+    order = list(nx.lexicographical_topological_sort(g))
+    specs = [g.nodes[n]["spec"] for n in order]
+    if db is not None:
+        db.put_plan(key, [s.to_json() for s in specs])
+    return specs
+
+
+def select(specs: list[StepSpec], kinds: set[str]) -> list[StepSpec]:
+    """The steps of the given kinds and everything they depend on."""
+    by_id = {s.id: s for s in specs}
+    keep: set[str] = set()
+    stack = [s.id for s in specs if s.kind in kinds]
+    while stack:
+        sid = stack.pop()
+        if sid not in keep:
+            keep.add(sid)
+            stack.extend(by_id[sid].deps)
+    return [s for s in specs if s.id in keep]
+
+
+def render_graph(specs: list[StepSpec], fmt: str) -> str:
+    """The plan as text, Graphviz dot or Mermaid."""
+    if fmt == "text":
+        lines = []
+        for s in specs:
+            deps = f"  <- {', '.join(s.deps)}" if s.deps else ""
+            lines.append(f"{s.id}{deps}")
+        return "\n".join(lines)
+    if fmt == "dot":
+        import networkx as nx
+
+        g = nx.DiGraph()
+        for s in specs:
+            g.add_node(s.id)
+            for d in s.deps:
+                g.add_edge(d, s.id)
+        out = ["digraph mlbuild {", "  rankdir=LR;", '  node [shape=box, fontname="sans-serif"];']
+        for n in g.nodes:
+            out.append(f'  "{n}";')
+        for a, b in g.edges:
+            out.append(f'  "{a}" -> "{b}";')
+        out.append("}")
+        return "\n".join(out)
+    if fmt == "mermaid":
+        ids = {s.id: f"s{i}" for i, s in enumerate(specs)}
+        out = ["graph LR"]
+        for s in specs:
+            out.append(f'  {ids[s.id]}["{s.id}"]')
+        for s in specs:
+            for d in s.deps:
+                out.append(f"  {ids[d]} --> {ids[s.id]}")
+        return "\n".join(out)
+    raise ValueError(fmt)

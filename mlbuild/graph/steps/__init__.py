@@ -1,0 +1,13 @@
+"""Step kinds, one module each. ``STEP_KINDS`` maps a kind name to its class.
+
+Kinds that later parts of mlbuild bring (``lock``, ``image``, ``push``, ``deploy``,
+``health``) plug in here; the planner already leaves their place in the graph.
+"""
+
+from __future__ import annotations
+
+from mlbuild.graph.steps.context import ContextStep
+from mlbuild.graph.steps.model import ModelStep
+from mlbuild.graph.steps.package import PackageStep
+
+STEP_KINDS = {cls.kind: cls for cls in (ModelStep, ContextStep, PackageStep)}

@@ -1,0 +1,257 @@
+"""``context`` steps: assemble a service's build context.
+
+The context (``.mlbuild/contexts/<service>/``) holds only what the image needs::
+
+    Dockerfile                  rendered from templates/Dockerfile.j2
+    env/requirements.txt        or env/environment.yml: the environment spec
+    runtime/mlbuild/...         the serving runtime (mlbuild/__init__.py + runtime/)
+    models/NAME/VERSION/...     hard links to the registry's blobs
+    app/...                     source dir and entry script
+    samples/input.json ...      schema samples, when given
+
+It is built in a staging folder of hard links and swapped in atomically; nothing is
+copied that can be linked. Its output identity is the digest of the file listing, so
+a change that renders to the same files rebuilds nothing downstream.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+from pathlib import Path
+
+import mlbuild
+from mlbuild import fsutil
+from mlbuild.graph.step import BuildContext, Step
+from mlbuild.manifest.model import DEFAULT_BASE_IMAGE
+from mlbuild.state.digest import hash_bytes, hash_json, walk_files
+
+MODEL_ROOT = "/var/mlbuild/models"
+APP_ROOT = "/var/mlbuild/app"
+RUNTIME_ROOT = "/opt/mlbuild"
+CONTAINER_PORT = 5001
+CONDA_BASE_IMAGE = "mambaorg/micromamba:1.5.8-bookworm-slim"
+
+
+def runtime_files() -> list[tuple[str, Path]]:
+    """The serving runtime as ``(path in context, source path)``."""
+    pkg = Path(mlbuild.__file__).parent
+    files = [("runtime/mlbuild/__init__.py", pkg / "__init__.py")]
+    files += [(f"runtime/mlbuild/runtime/{rel}", p) for rel, p in walk_files(pkg / "runtime")]
+    return files
+
+
+def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], str | None]:
+    """Files of the app folder as ``(path in context, source, display path)`` and the
+    entry script's path inside ``app/`` (None for a no-code service)."""
+    project = ctx.project
+    out: list[tuple[str, Path, str]] = []
+    entry_in_app = None
+    src = service.source_dir
+    if src:
+        for rel, p in walk_files(project.path(src)):
+            out.append((f"app/{rel}", p, f"{src}/{rel}"))
+    if service.entry_script:
+        es = service.entry_script
+        if src and (es + "/").startswith(src.rstrip("/") + "/"):
+            entry_in_app = posixpath.relpath(es, src)
+        else:
+            entry_in_app = posixpath.basename(es)
+            out = [f for f in out if f[0] != f"app/{entry_in_app}"]
+            out.append((f"app/{entry_in_app}", project.path(es), es))
+    return sorted(out), entry_in_app
+
+
+class ContextStep(Step):
+    kind = "context"
+    version = 1
+    templates = ("Dockerfile.j2",)
+
+    def _service(self, ctx):
+        return ctx.project.services[self.params["service"]]
+
+    def config(self, ctx: BuildContext) -> dict:
+        s = self._service(ctx)
+        env = ctx.project.environments[s.environment]
+        cfg = {"name": ctx.project.name, f"services.{s.name}": s.config(),
+               f"environments.{env.name}": env.config()}
+        if s.no_code:
+            m = ctx.project.models.get(s.models[0].name)
+            if m is not None:
+                cfg[f"models.{m.name}.framework"] = m.framework
+        return cfg
+
+    def inputs(self, ctx: BuildContext) -> dict[str, str]:
+        s = self._service(ctx)
+        env = ctx.project.environments[s.environment]
+        d = ctx.digests
+        files = {disp: d.file(p) for _, p, disp in app_files(ctx, s)[0]}
+        if env.spec_file:
+            files[env.spec_file] = d.file(ctx.project.path(env.spec_file))
+        for sample in (s.schema_input, s.schema_output):
+            if sample:
+                files[sample] = d.file(ctx.project.path(sample))
+        for rel, p in runtime_files():
+            files[f"<mlbuild>/{rel.removeprefix('runtime/')}"] = d.file(p)
+        return files
+
+    def out_dir(self, ctx: BuildContext) -> Path:
+        return ctx.state_dir / "contexts" / self.params["service"]
+
+    def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
+        return check_tree(ctx, ctx.project.root / outputs["dir"], outputs["files"], outputs["dir"])
+
+    def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
+        from mlbuild.render import render
+
+        project = ctx.project
+        s = self._service(ctx)
+        env = project.environments[s.environment]
+        target = self.out_dir(ctx)
+        fsutil.remove_stale_staging(target.parent)
+        stage = fsutil.staging_dir(target)
+        listing: dict[str, str] = {}
+        try:
+            def put_link(rel: str, src: Path, digest: str | None = None) -> None:
+                dst = stage / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                fsutil.link_or_copy(src, dst)
+                listing[rel] = digest or ctx.digests.file(src)
+
+            def put_text(rel: str, text: str) -> None:
+                data = text.encode()
+                dst = stage / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(data)
+                listing[rel] = hash_bytes(data)
+
+            # The environment spec.
+            if env.kind == "conda":
+                env_file = "env/environment.yml"
+                put_link(env_file, project.path(env.conda))
+            elif env.kind == "requirements":
+                env_file = "env/requirements.txt"
+                put_link(env_file, project.path(env.requirements))
+            else:
+                env_file = "env/requirements.txt"
+                put_text(env_file, "".join(f"{p}\n" for p in env.packages))
+
+            # The runtime.
+            runtime_reqs = None
+            for rel, p in runtime_files():
+                put_link(rel, p)
+                if rel == "runtime/mlbuild/runtime/requirements.txt":
+                    runtime_reqs = rel
+
+            # Models, in MODEL_DIR layout: models/NAME/VERSION/<file or folder>.
+            models = []
+            for dep, out in upstream.items():
+                if not dep.startswith("model:"):
+                    continue
+                mv = ctx.registry.find(out["name"], out["version"])
+                dest = f"models/{mv.name}/{mv.version}"
+                ctx.registry.materialize(mv, stage / dest)
+                for rel, digest, _ in mv.files:
+                    listing[f"{dest}/{rel}"] = digest
+                models.append({"name": mv.name, "version": mv.version, "size": mv.size,
+                               "dir": dest, "files": [f[0] for f in mv.files]})
+            # Biggest first: the largest layers change least often and cache best.
+            models.sort(key=lambda m: (-m["size"], m["name"]))
+            if len(models) == 1:
+                model_dir = f"{MODEL_ROOT}/{models[0]['name']}/{models[0]['version']}"
+            else:
+                model_dir = MODEL_ROOT
+
+            # The app.
+            files, entry_in_app = app_files(ctx, s)
+            for rel, p, _ in files:
+                put_link(rel, p)
+
+            samples = {}
+            for key, sample in (("input", s.schema_input), ("output", s.schema_output)):
+                if sample:
+                    put_link(f"samples/{key}.json", project.path(sample))
+                    samples[key] = f"/var/mlbuild/samples/{key}.json"
+
+            no_code = None
+            if s.no_code:
+                m = models[0]
+                no_code = {"path": f"{MODEL_ROOT}/{m['name']}/{m['version']}/{m['files'][0]}",
+                           "framework": project.models[m["name"]].framework}
+
+            if env.base_image:
+                base_image = env.base_image
+            elif env.kind == "conda":
+                base_image = CONDA_BASE_IMAGE
+            elif env.python:
+                base_image = f"python:{env.python}-slim"
+            else:
+                base_image = DEFAULT_BASE_IMAGE
+
+            dockerfile = render(
+                "Dockerfile.j2",
+                mlbuild_version=mlbuild.__version__,
+                project=project.name,
+                service=s.name,
+                base_image=base_image,
+                env_kind=env.kind,
+                env_file=env_file,
+                runtime_requirements=runtime_reqs,
+                runtime_root=RUNTIME_ROOT,
+                models=models,
+                model_root=MODEL_ROOT,
+                model_dir=model_dir,
+                app_root=APP_ROOT,
+                has_app=bool(files),
+                entry_script=f"{APP_ROOT}/{entry_in_app}" if entry_in_app else None,
+                no_code=no_code,
+                samples=samples,
+                auth=s.auth,
+                cors=",".join(s.cors),
+                port=CONTAINER_PORT,
+                model_refs=",".join(f"{m['name']}:{m['version']}" for m in models),
+            )
+            put_text("Dockerfile", dockerfile)
+            fsutil.replace_dir(stage, target)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        # We know every digest we just laid out: no need to read the files again.
+        for rel, digest in listing.items():
+            ctx.digests.remember(target / rel, digest)
+        return {
+            "dir": os.path.relpath(target, project.root).replace(os.sep, "/"),
+            "digest": hash_json(sorted(listing.items())),
+            "files": listing,
+            "models": [f"{m['name']}@{m['version']}" for m in models],
+            "model_dir": model_dir,
+            "entry_script": f"{APP_ROOT}/{entry_in_app}" if entry_in_app else None,
+        }
+
+    def identity(self, outputs: dict):
+        return outputs["digest"]
+
+    def summary(self, outputs: dict) -> str:
+        return f"{len(outputs['files'])} files in {outputs['dir']}"
+
+
+def check_tree(ctx: BuildContext, root: Path, files: dict[str, str], shown: str,
+               allow: frozenset[str] = frozenset()) -> str | None:
+    """None if ``root`` holds exactly ``files`` with those digests, else the reason."""
+    if not root.is_dir():
+        return f"output {shown} missing"
+    on_disk = {rel for rel, _ in walk_files(root)}
+    for rel, digest in files.items():
+        p = root / rel
+        if rel not in on_disk:
+            return f"output {shown}/{rel} missing"
+        try:
+            if ctx.digests.file(p) != digest:
+                return f"output {shown}/{rel} was modified"
+        except Exception:
+            return f"output {shown}/{rel} unreadable"
+    extra = sorted(on_disk - set(files) - allow)
+    if extra:
+        return f"output {shown} has an unexpected file {extra[0]}"
+    return None

@@ -1,0 +1,244 @@
+"""The typed, immutable result of loading a manifest.
+
+Everything here is frozen: mappings are ``MappingProxyType``, sequences are tuples.
+Paths are relative POSIX paths as written in the manifest (relative to the manifest's
+folder, normalised); ``Project.root`` is the absolute folder they are relative to and
+never enters a fingerprint.
+
+``config()`` methods return the canonical, JSON-able dict of the settings that
+configure a step: defaults filled in, so writing a default explicitly or leaving it out
+gives the same fingerprint; line numbers and the checkout path left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+EMPTY: Mapping = MappingProxyType({})
+
+
+def _empty() -> Mapping:
+    # NOTE: dataclasses refuse an unhashable default (mappingproxy) on Python 3.11+.
+    return EMPTY
+
+TARGET_TYPES = ("process", "docker", "kubernetes", "package")
+NO_CODE_FRAMEWORKS = ("scikit-learn", "onnx")
+DEFAULT_BASE_IMAGE = "python:3.11-slim"
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float | None = None
+    memory_gb: float | None = None
+
+    def config(self) -> dict:
+        return {"cpu": self.cpu, "memory_gb": self.memory_gb}
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model declared in the manifest: a file or a folder to register."""
+
+    name: str
+    path: str
+    framework: str | None = None
+    framework_version: str | None = None
+    description: str | None = None
+    tags: Mapping[str, str] = field(default_factory=_empty)
+    properties: Mapping[str, str] = field(default_factory=_empty)
+    resources: Resources | None = None
+    line: int | None = field(default=None, compare=False)
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "framework": self.framework,
+            "framework_version": self.framework_version,
+            "description": self.description,
+            "tags": dict(self.tags),
+            "properties": dict(self.properties),
+            "resources": self.resources.config() if self.resources else None,
+        }
+
+
+@dataclass(frozen=True)
+class Environment:
+    """An environment: exactly one of a conda spec, a requirements file, or
+    ``python`` + ``packages``."""
+
+    name: str
+    conda: str | None = None
+    requirements: str | None = None
+    python: str | None = None
+    packages: tuple[str, ...] = ()
+    base_image: str | None = None
+    line: int | None = field(default=None, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """``conda``, ``requirements`` or ``packages``."""
+        if self.conda:
+            return "conda"
+        if self.requirements:
+            return "requirements"
+        return "packages"
+
+    @property
+    def spec_file(self) -> str | None:
+        return self.conda or self.requirements
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "conda": self.conda,
+            "requirements": self.requirements,
+            "python": self.python,
+            "packages": list(self.packages),
+            "base_image": self.base_image,
+        }
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A service's reference to a model: ``ridge`` (latest) or ``ridge@3`` (pinned)."""
+
+    name: str
+    version: int | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        """Parse ``NAME`` or ``NAME@VERSION``. Raises ValueError on a bad version."""
+        name, sep, ver = text.partition("@")
+        if not sep:
+            return cls(name)
+        if not ver.isdigit() or int(ver) < 1:
+            raise ValueError(f"version {ver!r} is not a positive whole number")
+        return cls(name, int(ver))
+
+
+@dataclass(frozen=True)
+class Service:
+    """A scoring service: an entry script (or a no-code model) in an environment."""
+
+    name: str
+    environment: str
+    models: tuple[ModelRef, ...] = ()
+    entry_script: str | None = None
+    source_dir: str | None = None
+    schema_input: str | None = None
+    schema_output: str | None = None
+    auth: str = "none"
+    cors: tuple[str, ...] = ()
+    line: int | None = field(default=None, compare=False)
+
+    @property
+    def no_code(self) -> bool:
+        return self.entry_script is None
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "environment": self.environment,
+            "models": [str(m) for m in self.models],
+            "entry_script": self.entry_script,
+            "source_dir": self.source_dir,
+            "schema": {"input": self.schema_input, "output": self.schema_output},
+            "auth": self.auth,
+            "cors": list(self.cors),
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target. Keys that do not apply to its type are None."""
+
+    name: str
+    type: str
+    port: int | None = None
+    namespace: str | None = None
+    replicas: int | None = None
+    cpu: float | None = None
+    memory_gb: float | None = None
+    out: str | None = None
+    offline: bool = False
+    services: tuple[str, ...] | None = None  # None: every service
+    line: int | None = field(default=None, compare=False)
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "port": self.port,
+            "namespace": self.namespace,
+            "replicas": self.replicas,
+            "cpu": self.cpu,
+            "memory_gb": self.memory_gb,
+            "out": self.out,
+            "offline": self.offline,
+            "services": list(self.services) if self.services is not None else None,
+        }
+
+
+# The target a project gets when it declares none: the runtime as a local process.
+EMBEDDED_DEFAULT_TARGET = Target(name="dev", type="process", port=8890)
+
+
+@dataclass(frozen=True)
+class Project:
+    """A loaded, validated manifest.
+
+    Attributes:
+        name: project name (a DNS label): prefixes images, containers, k8s objects.
+        root: absolute folder of the manifest; never part of a fingerprint.
+        manifest_path: absolute path of the manifest file.
+        manifest_digest: sha256 of the manifest's bytes.
+    """
+
+    name: str
+    root: Path
+    manifest_path: Path
+    manifest_digest: str
+    registry: str | None = None
+    models: Mapping[str, Model] = field(default_factory=_empty)
+    environments: Mapping[str, Environment] = field(default_factory=_empty)
+    services: Mapping[str, Service] = field(default_factory=_empty)
+    targets: Mapping[str, Target] = field(default_factory=_empty)
+    default_target: str | None = None
+
+    def path(self, rel: str) -> Path:
+        """Absolute path of a manifest-relative path."""
+        return self.root / rel
+
+    def target(self, name: str | None) -> Target:
+        """The named target, or the default one. Raises InvalidInput."""
+        from mlbuild.errors import InvalidInput
+        from mlbuild.manifest.suggest import did_you_mean
+
+        if name is None:
+            name = self.default_target
+            if name is None:
+                raise InvalidInput(
+                    f"{self.manifest_path.name}: no target given and no default_target",
+                    hint="name a target (mlbuild deploy TARGET) or set default_target",
+                )
+        try:
+            return self.targets[name]
+        except KeyError:
+            raise InvalidInput(
+                f"no target {name!r} in {self.manifest_path.name}"
+                + did_you_mean(name, self.targets),
+                hint="targets: " + ", ".join(sorted(self.targets)),
+            ) from None
+
+    def services_for(self, target: Target) -> list[Service]:
+        """The services deployed to a target, in manifest order."""
+        if target.services is None:
+            return list(self.services.values())
+        return [self.services[s] for s in target.services]
