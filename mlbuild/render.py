@@ -31,9 +31,9 @@ def _env():
     return env
 
 
-def render(name: str, **values) -> str:
+def render(template: str, **values) -> str:
     """Render ``templates/<name>``. Raises jinja2 errors for template bugs."""
-    return _env().get_template(name).render(**values)
+    return _env().get_template(template).render(**values)
 
 
 @lru_cache(maxsize=None)

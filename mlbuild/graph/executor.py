@@ -11,6 +11,8 @@ a step below one that would run is reported as "upstream X will run".
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +30,7 @@ WOULD_RUN = "would-run"
 FAILED = "failed"
 NOT_RUN = "not-run"
 UNKNOWN = "?"  # an upstream output not known yet (dry run)
+_KILL_AT = os.environ.get("MLBUILD_DEBUG_KILL_AFTER")
 
 
 @dataclass
@@ -182,6 +185,10 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
                 outcomes.append(outcome)
                 emit("end", outcome)
                 raise StepFailed(spec.id, outcome.error) from e
+            if _KILL_AT and spec.id == _KILL_AT:
+                # Fault injection for tests: die the hardest way at the worst moment,
+                # after the step's outputs are written and before they are recorded.
+                os.kill(os.getpid(), signal.SIGKILL)
             outcome.duration = time.monotonic() - started
             outcome.status = RAN
             outcome.outputs = out

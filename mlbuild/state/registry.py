@@ -179,12 +179,15 @@ class Registry:
                  tags: Mapping[str, str] | None = None, properties: Mapping[str, str] | None = None,
                  framework: str | None = None, framework_version: str | None = None,
                  resources: Mapping | None = None, source: str | None = None,
-                 ) -> tuple[ModelVersion, bool]:
+                 replace_metadata: bool = False) -> tuple[ModelVersion, bool]:
         """Register the file or folder ``src`` as a version of model ``name``.
 
         Returns:
             (the version, True if a new version was made). When the content equals the
-            latest version's, no version is made; its metadata is updated to the given.
+            latest version's, no version is made and its metadata is updated: replaced
+            by the given (``replace_metadata``, what the manifest's model step does: the
+            manifest is the truth) or merged with it (what ``models register`` does:
+            given fields and tags win, others are kept).
 
         Raises:
             InvalidInput: ``src`` does not exist or cannot be read.
@@ -213,6 +216,17 @@ class Registry:
                            properties=dict(latest.properties), framework=latest.framework,
                            framework_version=latest.framework_version,
                            resources=dict(latest.resources) if latest.resources else None)
+            if not replace_metadata:
+                merged = dict(current)
+                for k, v in meta.items():
+                    if k in ("tags", "properties"):
+                        merged[k] = {**current[k], **v}
+                    elif v is not None:
+                        merged[k] = v
+                meta = merged
+                description, framework, framework_version = (
+                    meta["description"], meta["framework"], meta["framework_version"])
+                resources = meta["resources"]
             if current != meta:
                 self.db.execute(
                     "UPDATE models SET description=?, tags=?, properties=?, framework=?, "

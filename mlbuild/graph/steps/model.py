@@ -69,7 +69,8 @@ class ModelStep(Step):
             ctx.project.path(m.path), name, description=m.description, tags=m.tags,
             properties=m.properties, framework=m.framework,
             framework_version=m.framework_version,
-            resources=m.resources.config() if m.resources else None, source=m.path)
+            resources=m.resources.config() if m.resources else None, source=m.path,
+            replace_metadata=True)
         return {"name": name, "version": mv.version, "digest": mv.digest, "created": created}
 
     def identity(self, outputs: dict):
