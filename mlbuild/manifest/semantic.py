@@ -1,0 +1,425 @@
+"""Checks the schema cannot make, and the typed :class:`Project` they produce.
+
+Runs on whatever parts of the data are well-typed, also when the schema found
+problems elsewhere, and collects every problem instead of stopping at the first:
+
+* references: service -> environment and models, target -> services,
+  ``default_target`` -> targets (with "did you mean");
+* files: model paths, entry scripts, source folders, environment specs and schema
+  samples exist, are of the right kind, and stay inside the project (no absolute
+  paths, no ``..``, no symlink that resolves outside);
+* names: ``<project>-<service>-<target>`` fits a Docker/Kubernetes name (63);
+* process/docker targets do not share a port, package targets do not share ``out``;
+* a service without an entry script has exactly one no-code model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import re
+from pathlib import Path
+from types import MappingProxyType
+
+from mlbuild.errors import Problem
+from mlbuild.manifest.model import (
+    EMBEDDED_DEFAULT_TARGET,
+    NO_CODE_FRAMEWORKS,
+    TARGET_TYPES,
+    Environment,
+    Model,
+    ModelRef,
+    Project,
+    Resources,
+    Service,
+    Target,
+)
+from mlbuild.manifest.suggest import did_you_mean
+from mlbuild.manifest.yamlload import dotted, line_of
+
+MAX_OBJECT_NAME = 63  # a DNS label: Kubernetes object and container names
+DEFAULT_PROCESS_PORT = 8890
+_VERSION = re.compile(r"^\d+(\.\d+){0,2}$")
+
+
+def build_project(
+    data: dict,
+    lines: dict,
+    raw: dict,
+    *,
+    manifest_path: Path,
+    digest: str,
+    file: str,
+) -> tuple[Project | None, list[Problem]]:
+    """Check ``data`` and build the Project from it.
+
+    Args:
+        data: the manifest as plain data (possibly with schema problems).
+        lines, raw: from :mod:`mlbuild.manifest.yamlload`.
+        manifest_path: absolute path of the manifest; its folder is the root.
+        digest: sha256 hex of the manifest bytes.
+        file: manifest name shown in problems.
+
+    Returns:
+        ``(project, problems)``; the project is None when a required part is
+        unusable. Callers must not use the project when there are problems.
+    """
+    return _Builder(data, lines, raw, manifest_path, digest, file).build()
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Builder:
+    def __init__(self, data, lines, raw, manifest_path: Path, digest: str, file: str):
+        self.data = data if isinstance(data, dict) else {}
+        self.lines, self.raw, self.file = lines, raw, file
+        self.manifest_path = manifest_path
+        self.digest = digest
+        self.root = manifest_path.parent
+        self.root_real = os.path.realpath(self.root)
+        self.problems: list[Problem] = []
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def add(self, path: tuple, message: str) -> None:
+        self.problems.append(Problem(self.file, line_of(self.lines, path), dotted(path), message))
+
+    def line(self, path: tuple) -> int | None:
+        return self.lines.get(path)
+
+    def text(self, value, path: tuple) -> str | None:
+        """A text field that YAML may have read as a number or boolean: the text
+        as written (``1.10`` stays ``"1.10"``)."""
+        if isinstance(value, str):
+            return value
+        if _is_number(value) or isinstance(value, bool):
+            return self.raw.get(path, str(value))
+        return None
+
+    def number(self, value, path: tuple) -> float | None:
+        if not _is_number(value):
+            return None
+        try:
+            value = float(value)
+        except OverflowError:
+            self.add(path, "is too large")
+            return None
+        if not math.isfinite(value):
+            self.add(path, f"must be a finite number, got {self.raw.get(path, value)}")
+            return None
+        if value <= 0:
+            return None  # the schema says "must be greater than 0"
+        return value
+
+    def whole(self, value) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)
+        return None
+
+    def rel_path(self, value, path: tuple, kind: str | None, missing: str = "") -> str | None:
+        """Normalise a manifest-relative path and check it stays inside the project.
+
+        Args:
+            kind: "file", "dir", "any" (must exist) or None (need not exist).
+            missing: extra hint appended when the path does not exist.
+
+        Returns:
+            The relative POSIX path (``./src/a.py`` -> ``src/a.py``), or None when
+            it is unusable (not text, absolute, outside the project).
+        """
+        if not isinstance(value, str) or not value:
+            return None
+        if "\x00" in value:
+            self.add(path, "the path contains a NUL character")
+            return None
+        if "\\" in value:
+            self.add(path, f"{value!r}: use '/' to separate folders")
+            return None
+        if value.startswith("/") or re.match(r"^[A-Za-z]:", value):
+            self.add(path, f"{value!r} is an absolute path; paths must be relative to the "
+                           "project folder")
+            return None
+        rel = posixpath.normpath(value)
+        if rel == ".." or rel.startswith("../"):
+            self.add(path, f"{value!r} points outside the project folder")
+            return None
+        full = os.path.join(self.root, rel)
+        try:
+            real = os.path.realpath(full)
+            inside = real == self.root_real or real.startswith(self.root_real.rstrip(os.sep) + os.sep)
+            if not inside:
+                self.add(path, f"{value!r} resolves to {real!r}, outside the project folder "
+                               "(a symlink?)")
+                return None
+            if kind is None:
+                return rel
+            if not os.path.exists(full):
+                self.add(path, f"{value!r} does not exist{missing}")
+            elif kind == "file" and not os.path.isfile(full):
+                self.add(path, f"{value!r} is not a file")
+            elif kind == "dir" and not os.path.isdir(full):
+                self.add(path, f"{value!r} is not a folder")
+        except (OSError, ValueError) as e:
+            self.add(path, f"{value!r} cannot be checked: {e}")
+            return None
+        return rel
+
+    # -- sections --------------------------------------------------------------------
+
+    def build(self) -> tuple[Project | None, list[Problem]]:
+        name = _str(self.data.get("name"))
+        registry = _str(self.data.get("registry"))
+        models = self.models()
+        envs = self.environments()
+        services = self.services(models, envs)
+        targets = self.targets(set(services) | set(_mapping(self.data.get("services"))))
+        default = self.default_target(targets)
+        self.check_name_lengths(name, services, targets)
+        if name is None:
+            return None, self.problems
+        project = Project(
+            name=name,
+            root=self.root,
+            manifest_path=self.manifest_path,
+            manifest_digest=self.digest,
+            registry=registry,
+            models=MappingProxyType(models),
+            environments=MappingProxyType(envs),
+            services=MappingProxyType(services),
+            targets=MappingProxyType(targets),
+            default_target=default,
+        )
+        return project, self.problems
+
+    def models(self) -> dict[str, Model]:
+        out = {}
+        for name, m in _mapping(self.data.get("models")).items():
+            base = ("models", name)
+            if not isinstance(m, dict):
+                continue
+            rel = self.rel_path(
+                m.get("path"), base + ("path",), "any",
+                missing=" (does it need to be created first, e.g. by a train script?)",
+            )
+            if rel is None:
+                continue
+            res = _mapping(m.get("resources"))
+            resources = None
+            if res:
+                resources = Resources(
+                    cpu=self.number(res.get("cpu"), base + ("resources", "cpu")),
+                    memory_gb=self.number(res.get("memory_gb"), base + ("resources", "memory_gb")),
+                )
+            framework = _str(m.get("framework"))
+            out[name] = Model(
+                name=name,
+                path=rel,
+                framework=framework,
+                framework_version=self.text(m.get("framework_version"),
+                                            base + ("framework_version",)),
+                description=_str(m.get("description")),
+                tags=self.text_map(m.get("tags"), base + ("tags",)),
+                properties=self.text_map(m.get("properties"), base + ("properties",)),
+                resources=resources,
+                line=self.line(base),
+            )
+        return out
+
+    def text_map(self, value, path: tuple):
+        out = {}
+        for k, v in _mapping(value).items():
+            t = self.text(v, path + (k,))
+            if t is not None:
+                out[k] = t
+        return MappingProxyType(out)
+
+    def environments(self) -> dict[str, Environment]:
+        out = {}
+        for name, e in _mapping(self.data.get("environments")).items():
+            base = ("environments", name)
+            if not isinstance(e, dict):
+                continue
+            conda = self.rel_path(e.get("conda"), base + ("conda",), "file")
+            req = self.rel_path(e.get("requirements"), base + ("requirements",), "file")
+            python = self.text(e.get("python"), base + ("python",))
+            if python is not None and not _VERSION.match(python):
+                self.add(base + ("python",), f"{python!r} is not a Python version like \"3.11\"")
+                python = None
+            packages = e.get("packages")
+            packages = tuple(p for p in packages if isinstance(p, str)) \
+                if isinstance(packages, list) else ()
+            out[name] = Environment(
+                name=name,
+                conda=conda,
+                requirements=req,
+                python=python,
+                packages=packages,
+                base_image=_str(e.get("base_image")),
+                line=self.line(base),
+            )
+        return out
+
+    def services(self, models: dict, envs: dict) -> dict[str, Service]:
+        declared_models = set(_mapping(self.data.get("models")))
+        declared_envs = set(_mapping(self.data.get("environments")))
+        out = {}
+        for name, s in _mapping(self.data.get("services")).items():
+            base = ("services", name)
+            if not isinstance(s, dict):
+                continue
+            env = _str(s.get("environment"))
+            if env is not None and env not in declared_envs:
+                self.add(base + ("environment",),
+                         f"no environment {env!r}" + did_you_mean(env, declared_envs))
+            refs = []
+            raw_models = s.get("models")
+            for i, text in enumerate(raw_models if isinstance(raw_models, list) else []):
+                if not isinstance(text, str):
+                    continue
+                try:
+                    ref = ModelRef.parse(text)
+                except ValueError:
+                    continue  # the schema's pattern reports it
+                refs.append(ref)
+                if ref.version is None and ref.name not in declared_models:
+                    hint = did_you_mean(ref.name, declared_models) or (
+                        f"; declare it under models: or pin a registered version "
+                        f"({ref.name}@N)")
+                    self.add(base + ("models", i), f"no model {ref.name!r}{hint}")
+            entry = self.rel_path(s.get("entry_script"), base + ("entry_script",), "file")
+            source = self.rel_path(s.get("source_dir"), base + ("source_dir",), "dir")
+            sch = _mapping(s.get("schema"))
+            sin = self.rel_path(sch.get("input"), base + ("schema", "input"), "file")
+            sout = self.rel_path(sch.get("output"), base + ("schema", "output"), "file")
+            if "entry_script" not in s:
+                frameworks = [models[r.name].framework if r.name in models else None
+                              for r in refs]
+                if not (len(refs) == 1 and frameworks[0] in NO_CODE_FRAMEWORKS):
+                    self.add(base, "needs an entry_script, or exactly one model with framework "
+                                   f"{' or '.join(NO_CODE_FRAMEWORKS)} to be served without code")
+            auth = s.get("auth", "none")
+            cors = s.get("cors")
+            if env is None:
+                continue
+            out[name] = Service(
+                name=name,
+                environment=env,
+                models=tuple(refs),
+                entry_script=entry,
+                source_dir=source,
+                schema_input=sin,
+                schema_output=sout,
+                auth=auth if isinstance(auth, str) else "none",
+                cors=tuple(c for c in cors if isinstance(c, str))
+                if isinstance(cors, list) else (),
+                line=self.line(base),
+            )
+        return out
+
+    def targets(self, service_names: set) -> dict[str, Target]:
+        declared = _mapping(self.data.get("targets"))
+        if not declared:
+            return {"dev": EMBEDDED_DEFAULT_TARGET}
+        out = {}
+        ports: dict[int, str] = {}
+        outs: dict[str, str] = {}
+        for name, t in declared.items():
+            base = ("targets", name)
+            if not isinstance(t, dict):
+                continue
+            ttype = t.get("type")
+            if ttype not in TARGET_TYPES:
+                continue
+            port = self.whole(t.get("port"))
+            if port is not None and not 1 <= port <= 65535:
+                port = None  # the schema reports it
+            if port is None and ttype == "process":
+                port = DEFAULT_PROCESS_PORT
+            if port is not None and ttype in ("process", "docker"):
+                if port in ports:
+                    self.add(base + ("port",),
+                             f"port {port} is already used by target {ports[port]!r}")
+                else:
+                    ports[port] = name
+            out_dir = None
+            if ttype == "package":
+                written = t.get("out", f"dist/{name}")
+                out_dir = self.rel_path(written, base + ("out",), None)
+                if out_dir == ".":
+                    self.add(base + ("out",), "must be a folder below the project folder, "
+                                              "not the project folder itself")
+                elif out_dir is not None:
+                    if out_dir in outs:
+                        self.add(base + ("out",), f"{out_dir!r} is already the out folder of "
+                                                  f"target {outs[out_dir]!r}")
+                    else:
+                        outs[out_dir] = name
+            svc = t.get("services")
+            services = None
+            if isinstance(svc, list):
+                services = tuple(s for s in svc if isinstance(s, str))
+                for i, s in enumerate(svc):
+                    if isinstance(s, str) and s not in service_names:
+                        self.add(base + ("services", i),
+                                 f"no service {s!r}" + did_you_mean(s, service_names))
+            replicas = self.whole(t.get("replicas"))
+            if ttype == "kubernetes" and replicas is None:
+                replicas = 1
+            offline = t.get("offline", False)
+            out[name] = Target(
+                name=name,
+                type=ttype,
+                port=port,
+                namespace=_str(t.get("namespace")),
+                replicas=replicas,
+                cpu=self.number(t.get("cpu"), base + ("cpu",)),
+                memory_gb=self.number(t.get("memory_gb"), base + ("memory_gb",)),
+                out=out_dir,
+                offline=offline if isinstance(offline, bool) else False,
+                services=services,
+                line=self.line(base),
+            )
+        return out
+
+    def default_target(self, targets: dict) -> str | None:
+        if "default_target" in self.data:
+            name = self.data["default_target"]
+            if not isinstance(name, str):
+                return None
+            names = set(_mapping(self.data.get("targets"))) or set(targets)
+            if name not in names:
+                self.add(("default_target",), f"no target {name!r}" + did_you_mean(name, names))
+            return name
+        if "dev" in targets:
+            return "dev"
+        if len(targets) == 1:
+            return next(iter(targets))
+        return None
+
+    def check_name_lengths(self, project: str | None, services: dict, targets: dict) -> None:
+        if project is None:
+            return
+        for t in targets.values():
+            names = t.services if t.services is not None else tuple(services)
+            for s in names:
+                if s not in services:
+                    continue
+                full = f"{project}-{s}-{t.name}"
+                if len(full) > MAX_OBJECT_NAME:
+                    self.add(("services", s),
+                             f"{full!r} (project-service-target) is {len(full)} characters; "
+                             f"Docker and Kubernetes names allow {MAX_OBJECT_NAME}: shorten the "
+                             "project, service or target name")

@@ -1,0 +1,360 @@
+"""Invalid manifests: every class of problem, with its message and line, all at once."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mlbuild.errors import ManifestError
+from mlbuild.manifest import load_project
+
+FILES = ["models/model.pkl", "envs/sklearn.yml", "envs/req.txt", "src/score.py",
+         "samples/input.json"]
+
+# Line numbers below refer to this text.
+BASE = """\
+name: diabetes
+models:
+  ridge:
+    path: models/model.pkl
+    framework: scikit-learn
+environments:
+  sklearn: {conda: envs/sklearn.yml}
+services:
+  diabetes:
+    environment: sklearn
+    entry_script: src/score.py
+    models: [ridge]
+targets:
+  dev: {type: process, port: 8890}
+"""
+
+
+@pytest.fixture
+def proj(tmp_path: Path, monkeypatch) -> Path:
+    for rel in FILES:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    monkeypatch.chdir(tmp_path)  # problems then name the file "mlproject.yaml"
+    return tmp_path
+
+
+def problems(root: Path, text: str) -> list[str]:
+    (root / "mlproject.yaml").write_text(textwrap.dedent(text))
+    with pytest.raises(ManifestError) as e:
+        load_project(root / "mlproject.yaml")
+    assert all(type(p).__name__ == "Problem" for p in e.value.problems)
+    return [str(p) for p in e.value.problems]
+
+
+def test_base_is_valid(proj: Path):
+    (proj / "mlproject.yaml").write_text(BASE)
+    assert load_project(proj / "mlproject.yaml").name == "diabetes"
+
+
+# -- exact messages -------------------------------------------------------------------
+
+
+def test_unknown_environment_with_suggestion(proj: Path):
+    assert problems(proj, BASE.replace("environment: sklearn", "environment: skl")) == [
+        "mlproject.yaml:10: services.diabetes.environment: "
+        "no environment 'skl' (did you mean 'sklearn'?)"
+    ]
+
+
+def test_unknown_key_at_its_own_line(proj: Path):
+    assert problems(proj, BASE.replace("    environment: sklearn",
+                                       "    enviroment: sklearn\n    environment: sklearn")) == [
+        "mlproject.yaml:10: services.diabetes: unknown key 'enviroment' "
+        "(did you mean 'environment'?)"
+    ]
+
+
+def test_missing_required_key(proj: Path):
+    assert problems(proj, BASE.replace("    path: models/model.pkl\n", "")) == [
+        "mlproject.yaml:3: models.ridge: missing required key 'path'"
+    ]
+
+
+def test_missing_name(proj: Path):
+    assert problems(proj, BASE.replace("name: diabetes\n", "")) == [
+        "mlproject.yaml:1: missing required key 'name'"
+    ]
+
+
+def test_wrong_type(proj: Path):
+    text = BASE.replace("    framework: scikit-learn\n",
+                        "    framework: scikit-learn\n    resources: {cpu: abc}\n")
+    assert problems(proj, text) == [
+        "mlproject.yaml:6: models.ridge.resources.cpu: expected a number, got 'abc'"
+    ]
+
+
+def test_enum_with_suggestion(proj: Path):
+    assert problems(proj, BASE.replace("type: process", "type: dockr")) == [
+        "mlproject.yaml:14: targets.dev.type: 'dockr' is not one of "
+        "process, docker, kubernetes, package (did you mean 'docker'?)"
+    ]
+
+
+def test_yaml11_boolean_hint(proj: Path):
+    text = BASE.replace("    models: [ridge]\n", "    models: [ridge]\n    auth: no\n")
+    (msg,) = problems(proj, text)
+    assert msg.startswith("mlproject.yaml:13: services.diabetes.auth: no is not one of none, key")
+    assert "YAML reads no as a boolean" in msg
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("name: diabetes", "name: Diabetes_1",
+         "mlproject.yaml:1: name: 'Diabetes_1' must be a DNS label: lowercase letters a-z, "
+         "digits and '-', starting and ending with a letter or digit"),
+        ("name: diabetes", "name: " + "a" * 41,
+         f"mlproject.yaml:1: name: '{'a' * 41}' is longer than 40 characters"),
+        ("  diabetes:\n    environment", "  Diabetes:\n    environment",
+         "mlproject.yaml:9: services: service name 'Diabetes' must be a DNS label: lowercase "
+         "letters a-z, digits and '-', starting and ending with a letter or digit"),
+        ("  ridge:", "  'ri dge':",
+         "mlproject.yaml:3: models: model name 'ri dge' must be letters, digits, '.', '_' and "
+         "'-', starting with a letter or digit"),
+        ("port: 8890", "port: 70000",
+         "mlproject.yaml:14: targets.dev.port: must be at most 65535, got 70000"),
+        ("port: 8890", "port: 0",
+         "mlproject.yaml:14: targets.dev.port: must be at least 1, got 0"),
+        ("models: [ridge]", "models: [ridge@0]",
+         "mlproject.yaml:12: services.diabetes.models[0]: 'ridge@0' must be a model name, "
+         "optionally with @VERSION (e.g. ridge or ridge@3)"),
+        ("models: [ridge]", "models: [ridge, ridge]",
+         "mlproject.yaml:12: services.diabetes.models: lists 'ridge' more than once"),
+        ("{conda: envs/sklearn.yml}", "{conda: envs/sklearn.yml, requirements: envs/req.txt}",
+         "mlproject.yaml:7: environments.sklearn: takes only one of conda, requirements, "
+         "packages; found conda and requirements"),
+        ("{conda: envs/sklearn.yml}", "{python: '3.11'}",
+         "mlproject.yaml:7: environments.sklearn: needs one of conda, requirements, packages"),
+        ("{type: process, port: 8890}", "{type: process, port: 8890, replicas: 2}",
+         "mlproject.yaml:14: targets.dev: key 'replicas' does not apply to a target of type "
+         "'process' (only to kubernetes)"),
+        ("{type: process, port: 8890}", "{type: package, port: 8890}",
+         "mlproject.yaml:14: targets.dev: key 'port' does not apply to a target of type "
+         "'package' (only to process, docker, kubernetes)"),
+        ("{type: process, port: 8890}", "{port: 8890}",
+         "mlproject.yaml:14: targets.dev: missing required key 'type'"),
+        ("targets:", "targets: []\nx:",
+         "mlproject.yaml:13: targets: expected a mapping (key: value), got a list"),
+    ],
+)
+def test_schema_messages(proj: Path, old: str, new: str, expected: str):
+    assert old in BASE
+    assert expected in problems(proj, BASE.replace(old, new, 1))
+
+
+def test_cors_origin_pattern(proj: Path):
+    text = BASE.replace("    models: [ridge]\n",
+                        "    models: [ridge]\n    cors: ['*', 'https://a.b:8080', 'ftp/x']\n")
+    assert problems(proj, text) == [
+        "mlproject.yaml:13: services.diabetes.cors[2]: 'ftp/x' must be an origin such as "
+        "https://www.example.com (scheme://host[:port], no path) or '*'"
+    ]
+
+
+# -- semantic checks ------------------------------------------------------------------
+
+
+def test_unknown_model_and_pinned_registry_model(proj: Path):
+    text = BASE.replace("models: [ridge]", "models: [rdge, elsewhere@2, nothere]")
+    assert problems(proj, text) == [
+        "mlproject.yaml:12: services.diabetes.models[0]: no model 'rdge' (did you mean 'ridge'?)",
+        "mlproject.yaml:12: services.diabetes.models[2]: no model 'nothere'; declare it under "
+        "models: or pin a registered version (nothere@N)",
+    ]
+
+
+def test_missing_files(proj: Path):
+    os.remove(proj / "models/model.pkl")
+    os.remove(proj / "src/score.py")
+    text = BASE.replace("    models: [ridge]\n",
+                        "    models: [ridge]\n    source_dir: lib\n"
+                        "    schema: {input: samples/input.json, output: samples/out.json}\n")
+    assert problems(proj, text) == [
+        "mlproject.yaml:4: models.ridge.path: 'models/model.pkl' does not exist "
+        "(does it need to be created first, e.g. by a train script?)",
+        "mlproject.yaml:11: services.diabetes.entry_script: 'src/score.py' does not exist",
+        "mlproject.yaml:13: services.diabetes.source_dir: 'lib' does not exist",
+        "mlproject.yaml:14: services.diabetes.schema.output: 'samples/out.json' does not exist",
+    ]
+
+
+def test_wrong_kind_of_path(proj: Path):
+    text = BASE.replace("entry_script: src/score.py", "entry_script: src\n    source_dir: src/score.py")
+    assert problems(proj, text) == [
+        "mlproject.yaml:11: services.diabetes.entry_script: 'src' is not a file",
+        "mlproject.yaml:12: services.diabetes.source_dir: 'src/score.py' is not a folder",
+    ]
+
+
+def test_paths_must_stay_inside_the_project(proj: Path, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.pkl").write_text("x")
+    (proj / "models" / "link.pkl").symlink_to(outside / "secret.pkl")
+    (proj / "models" / "inside.pkl").symlink_to(proj / "models" / "model.pkl")
+    text = BASE.replace("path: models/model.pkl", "path: models/link.pkl") \
+        .replace("entry_script: src/score.py", "entry_script: ../score.py") \
+        .replace("{conda: envs/sklearn.yml}", "{conda: /etc/passwd}")
+    text += "  pkg: {type: package, out: dist/../../x}\n"
+    text += "  inside: {type: docker, port: 1}\n"
+    got = problems(proj, text)
+    real = os.path.realpath(outside / "secret.pkl")
+    assert got == [
+        f"mlproject.yaml:4: models.ridge.path: 'models/link.pkl' resolves to {real!r}, "
+        "outside the project folder (a symlink?)",
+        "mlproject.yaml:7: environments.sklearn.conda: '/etc/passwd' is an absolute path; "
+        "paths must be relative to the project folder",
+        "mlproject.yaml:11: services.diabetes.entry_script: '../score.py' points outside the "
+        "project folder",
+        "mlproject.yaml:15: targets.pkg.out: 'dist/../../x' points outside the project folder",
+    ]
+    # a symlink that stays inside is fine
+    (proj / "mlproject.yaml").write_text(BASE.replace("models/model.pkl", "models/inside.pkl"))
+    assert load_project(proj / "mlproject.yaml").models["ridge"].path == "models/inside.pkl"
+
+
+def test_no_code_service_rules(proj: Path):
+    no_entry = BASE.replace("    entry_script: src/score.py\n", "")
+    (proj / "mlproject.yaml").write_text(no_entry)
+    assert load_project(proj / "mlproject.yaml").services["diabetes"].no_code
+    msg = ("services.diabetes: needs an entry_script, or exactly one model with framework "
+           "scikit-learn or onnx to be served without code")
+    assert problems(proj, no_entry.replace("framework: scikit-learn", "framework: pytorch")) == [
+        f"mlproject.yaml:9: {msg}"]
+    assert problems(proj, no_entry.replace("models: [ridge]", "models: [ridge@1, ridge]")) == [
+        f"mlproject.yaml:9: {msg}"]
+    assert problems(proj, no_entry.replace("models: [ridge]", "models: []")) == [
+        f"mlproject.yaml:9: {msg}"]
+
+
+def test_ports_and_outs_must_not_collide(proj: Path):
+    text = BASE + """\
+  other: {type: process}
+  docker: {type: docker, port: 8890}
+  k8s: {type: kubernetes, port: 8890}
+  p1: {type: package, out: dist/p}
+  p2: {type: package, out: ./dist/p/}
+  p3: {type: package, out: .}
+"""
+    assert problems(proj, text) == [
+        "mlproject.yaml:15: targets.other.port: port 8890 is already used by target 'dev'",
+        "mlproject.yaml:16: targets.docker.port: port 8890 is already used by target 'dev'",
+        "mlproject.yaml:19: targets.p2.out: 'dist/p' is already the out folder of target 'p1'",
+        "mlproject.yaml:20: targets.p3.out: must be a folder below the project folder, "
+        "not the project folder itself",
+    ]
+
+
+def test_target_references(proj: Path):
+    text = BASE.replace("{type: process, port: 8890}",
+                        "{type: process, port: 8890, services: [diabetis]}")
+    text += "default_target: deb\n"
+    assert problems(proj, text) == [
+        "mlproject.yaml:14: targets.dev.services[0]: no service 'diabetis' "
+        "(did you mean 'diabetes'?)",
+        "mlproject.yaml:15: default_target: no target 'deb' (did you mean 'dev'?)",
+    ]
+
+
+def test_default_target_refers_to_embedded_dev(proj: Path):
+    text = BASE.split("targets:")[0] + "default_target: dve\n"
+    assert problems(proj, text) == [
+        "mlproject.yaml:13: default_target: no target 'dve' (did you mean 'dev'?)"]
+    (proj / "mlproject.yaml").write_text(BASE.split("targets:")[0] + "default_target: dev\n")
+    assert load_project(proj / "mlproject.yaml").default_target == "dev"
+
+
+def test_object_names_fit_63_characters(proj: Path):
+    name = "p" * 40
+    text = BASE.replace("name: diabetes", f"name: {name}") \
+        .replace("  dev: {type", "  a-long-target-name: {type")
+    (msg,) = problems(proj, text)
+    assert msg.startswith("mlproject.yaml:9: services.diabetes: "
+                          f"'{name}-diabetes-a-long-target-name' (project-service-target) is 68 "
+                          "characters")
+
+
+def test_python_version_checked(proj: Path):
+    text = BASE.replace("{conda: envs/sklearn.yml}", "{conda: envs/sklearn.yml, python: three}")
+    assert problems(proj, text) == [
+        "mlproject.yaml:7: environments.sklearn.python: 'three' is not a Python version like "
+        "\"3.11\""]
+
+
+def test_non_finite_numbers(proj: Path):
+    text = BASE.replace("{type: process, port: 8890}", "{type: docker, port: 1, cpu: .nan}")
+    assert problems(proj, text) == [
+        "mlproject.yaml:14: targets.dev.cpu: must be a finite number, got .nan"]
+
+
+# -- all at once ----------------------------------------------------------------------
+
+
+def test_many_problems_at_once_sorted_by_line(proj: Path):
+    text = """\
+    name: Bad_Name
+    modles: {}
+    models:
+      ridge: {path: models/missing.pkl, framework: sklearn}
+    environments:
+      sklearn: {conda: envs/sklearn.yml}
+      sklearn: {conda: envs/sklearn.yml}
+    services:
+      diabetes:
+        environment: skl
+        entry_script: src/score.py
+        models: [rdge]
+    targets:
+      local: {type: dockr, port: 6789}
+    default_target: stagin
+    """
+    got = problems(proj, text)
+    assert got == [
+        "mlproject.yaml:1: name: 'Bad_Name' must be a DNS label: lowercase letters a-z, digits "
+        "and '-', starting and ending with a letter or digit",
+        "mlproject.yaml:2: unknown key 'modles' (did you mean 'models'?)",
+        "mlproject.yaml:4: models.ridge.framework: 'sklearn' is not one of scikit-learn, onnx, "
+        "pytorch, tensorflow, keras, xgboost, lightgbm, custom (did you mean 'scikit-learn'?)",
+        "mlproject.yaml:4: models.ridge.path: 'models/missing.pkl' does not exist (does it need "
+        "to be created first, e.g. by a train script?)",
+        "mlproject.yaml:7: environments: duplicate key 'sklearn' (first at line 6)",
+        "mlproject.yaml:10: services.diabetes.environment: no environment 'skl' "
+        "(did you mean 'sklearn'?)",
+        "mlproject.yaml:12: services.diabetes.models[0]: no model 'rdge' (did you mean 'ridge'?)",
+        "mlproject.yaml:14: targets.local.type: 'dockr' is not one of process, docker, "
+        "kubernetes, package (did you mean 'docker'?)",
+        "mlproject.yaml:15: default_target: no target 'stagin'",
+    ]
+
+
+def test_bad_yaml_reports_its_line(proj: Path):
+    got = problems(proj, "name: x\nmodels:\n  a: {path: m\n  b: 2\n")
+    assert len(got) == 1 and got[0].startswith("mlproject.yaml:")
+    assert "invalid YAML" in got[0]
+    assert int(got[0].split(":")[1]) >= 3
+
+
+def test_error_message_lists_problems(proj: Path):
+    (proj / "mlproject.yaml").write_text("name: x\nbogus: 1\nother: 2\n")
+    with pytest.raises(ManifestError) as e:
+        load_project(proj / "mlproject.yaml")
+    assert str(e.value) == (
+        "2 problems in the manifest:\n"
+        "  mlproject.yaml:2: unknown key 'bogus'\n"
+        "  mlproject.yaml:3: unknown key 'other'"
+    )
+    assert e.value.exit_code == 3
+
+
+def test_unreadable_manifest(proj: Path):
+    with pytest.raises(ManifestError):
+        load_project(proj / "nope.yaml")
