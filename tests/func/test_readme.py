@@ -1,0 +1,47 @@
+"""The README's main command works on a fresh copy of the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_command(marker: str) -> str:
+    text = (REPO / "README.md").read_text()
+    m = re.search(rf"<!-- {marker} -->\s*```sh\n(.+?)\n```", text, re.S)
+    assert m, f"README has no {marker}"
+    return m.group(1).strip()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci/run").read_text()
+    assert readme_command("test-command") in ci
+
+
+@pytest.mark.slow
+def test_readme_main_command_on_a_fresh_copy(tmp_path):
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    dest = tmp_path / "repo"
+    for f in files:
+        src = REPO / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    cmd = readme_command("main-command")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
+    r = subprocess.run(cmd, shell=True, cwd=dest, capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, f"{cmd}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
+    assert (dest / "dist/package/diabetes/Dockerfile").is_file()
+    # and the same command again is a no-op
+    r = subprocess.run(".venv/bin/mlbuild deploy", shell=True, cwd=dest, capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
