@@ -1,0 +1,143 @@
+"""Loading what serves requests: an entry script (``init``/``run``) or a no-code model.
+
+How ``run`` is called, by what the script declares (as the Azure ML server does):
+
+    @rawhttp run(request)          mode "raw":  an AMLRequest (method, headers, body bytes)
+    inference_schema decorators    mode "json": run(**parsed_body), body must be an object
+    plain run(raw_data)            mode "text": the body as a str, undecoded JSON
+    no-code model                  mode "json": run(parsed_body)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+
+from mlbuild.runtime import compat
+from mlbuild.runtime.config import RuntimeConfig
+
+log = logging.getLogger("mlbuild.runtime")
+
+
+class LoadError(Exception):
+    """The entry script or model cannot be loaded; the message says which and why."""
+
+
+class Scorer:
+    """What the app calls per request. ``init()`` once, then ``run`` per request."""
+
+    def __init__(self, run, init=None, mode="text", name="service", spread_json=False):
+        self.run = run
+        self._init = init
+        self.mode = mode
+        self.name = name
+        self.spread_json = spread_json  # json mode: run(**body) instead of run(body)
+        self.is_async = inspect.iscoroutinefunction(inspect.unwrap(run)) or \
+            inspect.iscoroutinefunction(run)
+        self.input_schema: dict | None = None
+        self.output_schema: dict | None = None
+
+    def init(self) -> None:
+        if self._init is not None:
+            self._init()
+
+
+def resolve_entry_script(path: str, app_root: str | None) -> str:
+    """The script's path, resolved against ``app_root`` when relative.
+
+    Raises:
+        LoadError: The file does not exist.
+    """
+    candidate = path if os.path.isabs(path) or not app_root else os.path.join(app_root, path)
+    if not os.path.isfile(candidate):
+        where = f" (resolved against AML_APP_ROOT={app_root!r})" if app_root and candidate != path else ""
+        raise LoadError(f"entry script {candidate!r} does not exist{where}")
+    return candidate
+
+
+def _import_script(path: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    # NOTE: registered under its own name, as `import score` would, unless that name is
+    # taken (a stdlib module, say), so pickles and `from score import X` behave as locally.
+    name = stem if stem.isidentifier() and stem not in sys.modules else "mlbuild_entry_script"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def _schema_decorated(run) -> tuple[bool, dict | None, dict | None]:
+    schema_util = sys.modules.get("inference_schema.schema_util")
+    if schema_util is None:  # the decorators cannot be present without the package
+        return False, None, None
+    if not schema_util.is_schema_decorated(run):
+        return False, None, None
+    return True, schema_util.get_input_schema(run), schema_util.get_output_schema(run)
+
+
+def load_entry_script(path: str, app_root: str | None = None) -> Scorer:
+    """Import the script (its folder on ``sys.path``) and work out how to call ``run``.
+
+    Exceptions raised by the script's own top-level code propagate unchanged, so their
+    traceback names the script's line.
+
+    Raises:
+        LoadError: Missing file, or no callable ``run``.
+    """
+    resolved = resolve_entry_script(path, app_root)
+    if app_root and os.path.abspath(app_root) not in sys.path:
+        sys.path.insert(0, os.path.abspath(app_root))
+    compat.install()
+    module = _import_script(resolved)
+    run = getattr(module, "run", None)
+    if not callable(run):
+        raise LoadError(f"entry script {resolved!r} defines no run() function")
+    init = getattr(module, "init", None)
+    if init is not None and not callable(init):
+        raise LoadError(f"entry script {resolved!r}: init is not a function")
+    if init is None:
+        log.warning("entry script %s defines no init(); continuing without it", resolved)
+    name = os.path.splitext(os.path.basename(resolved))[0]
+    if compat.rawhttp_requested(run):
+        return Scorer(run, init, mode="raw", name=name)
+    decorated, in_schema, out_schema = _schema_decorated(run)
+    if decorated:
+        scorer = Scorer(run, init, mode="json", name=name, spread_json=True)
+        scorer.input_schema, scorer.output_schema = in_schema, out_schema
+        return scorer
+    return Scorer(run, init, mode="text", name=name)
+
+
+def load(config: RuntimeConfig) -> Scorer:
+    """The scorer the configuration asks for (entry script or no-code model).
+
+    Raises:
+        LoadError: Nothing to serve, or it cannot be loaded.
+    """
+    config.export_model_dir()
+    if config.entry_script:
+        return load_entry_script(config.entry_script, config.app_root)
+    if config.no_code_model:
+        from mlbuild.runtime import nocode
+
+        try:
+            model = nocode.load(config.no_code_model, config.no_code_framework)
+        except ValueError as exc:
+            raise LoadError(str(exc)) from exc
+        name = os.path.splitext(os.path.basename(os.path.normpath(config.no_code_model)))[0]
+        return Scorer(model.run, model.init, mode="json", name=name)
+    raise LoadError(
+        "nothing to serve: give an entry script (--entry-script or MLBUILD_ENTRY_SCRIPT)"
+        " or a no-code model (MLBUILD_NO_CODE_MODEL)"
+    )
