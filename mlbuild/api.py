@@ -39,6 +39,19 @@ class Session:
                             options or {}, log)
 
 
+class _NewCache:
+    """A validation cache that has seen nothing and remembers what it is told."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def seen(self, key: str) -> bool:
+        return False
+
+    def add(self, key: str) -> None:
+        self.keys.append(key)
+
+
 @contextmanager
 def _state(state_dir: Path, lock: bool, on_wait=_say) -> Iterator[StateDB]:
     from mlbuild.state.lock import ProjectLock
@@ -65,10 +78,18 @@ def session(directory: str | Path = ".", file: str | None = None, *, lock: bool 
 
     manifest = find_manifest(Path(directory), file)
     state_dir = manifest.parent / STATE_DIR
+    project = None
     if not state_dir.exists():
-        load_project(manifest)  # bad input must not leave a .mlbuild folder behind
+        # Bad input must not leave a .mlbuild folder behind: load before creating it,
+        # and remember the validation once the database exists.
+        fresh = _NewCache()
+        project = load_project(manifest, schema_cache=fresh)
     with _state(state_dir, lock, on_wait) as db:
-        project = load_project(manifest, schema_cache=SchemaCache(db))
+        if project is None:
+            project = load_project(manifest, schema_cache=SchemaCache(db))
+        else:
+            for key in fresh.keys:
+                db.validated_add(key)
         digests = DigestCache(db)
         try:
             yield Session(project, db, digests, Registry(db, digests))

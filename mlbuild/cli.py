@@ -108,7 +108,7 @@ def plan(o: Obj, target):
     width = max((len(x.id) for x in r.outcomes), default=0)
     for x in r.outcomes:
         why = f"  ({'; '.join(x.reasons)})" if x.reasons else ""
-        click.echo(f"  {_LABEL[x.status]:<10}  {x.id:<{width}}{why}")
+        click.echo(f"  {_LABEL[x.status]:<10}  {x.id:<{width}}{why}".rstrip())
 
 
 @cli.command()

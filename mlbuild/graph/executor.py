@@ -106,6 +106,8 @@ def reasons_for(old: dict | None, new: dict) -> list[str]:
     for u in sorted(set(ou) | set(nu)):
         if nu.get(u) == UNKNOWN:
             reasons.append(f"upstream {u} will run")
+        elif u not in nu:
+            reasons.append(f"upstream {u} removed")
         elif ou.get(u) != nu.get(u):
             reasons.append(f"upstream {u} re-ran" if u in ou else f"upstream {u} added")
     return reasons or ["fingerprint changed"]
@@ -126,21 +128,40 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
 
     Returns:
         One Outcome per step, in order. A failed step has status FAILED and the steps
-        after it NOT_RUN; the exception is re-raised after ``on_event`` saw it.
+        after it NOT_RUN; the exception is re-raised after ``on_event`` saw them all,
+        carrying the outcomes as ``.outcomes``. (A dry run may still write new entries
+        of the file-digest cache: they are facts about files, not decisions.)
     """
     emit = on_event or (lambda ev, o: None)
     keys: dict[str, str] = {}
     outputs: dict[str, dict] = {}
     outcomes: list[Outcome] = []
     records = ctx.db.all_steps()
+    def fail(i: int, outcome: Outcome, message: str, started: float) -> None:
+        outcome.status = FAILED
+        outcome.error = message
+        outcome.duration = time.monotonic() - started
+        outcomes.append(outcome)
+        emit("end", outcome)
+        for rest in specs[i + 1:]:
+            skipped = Outcome(rest.id, rest.kind, NOT_RUN)
+            outcomes.append(skipped)
+            emit("end", skipped)
+
     try:
         for i, spec in enumerate(specs):
             step = make_step(spec)
-            upstream_keys = {d: keys[d] for d in spec.deps}
-            detail = compute_detail(step, ctx, upstream_keys)
-            fp = hash_json(detail)
+            outcome = Outcome(spec.id, spec.kind, UP_TO_DATE)
+            started = time.monotonic()
+            try:
+                upstream_keys = {d: keys[d] for d in spec.deps}
+                detail = compute_detail(step, ctx, upstream_keys)
+            except MlbuildError as e:
+                fail(i, outcome, e.message, started)
+                e.outcomes = outcomes
+                raise
+            fp = outcome.fingerprint = hash_json(detail)
             rec = records.get(spec.id)
-            outcome = Outcome(spec.id, spec.kind, UP_TO_DATE, fingerprint=fp)
             if rec is not None and rec.fingerprint == fp and not force:
                 missing = step.check_outputs(ctx, rec.outputs)
                 if missing is None:
@@ -170,21 +191,15 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
             try:
                 out = step.run(ctx, {d: outputs[d] for d in spec.deps}, fp)
             except MlbuildError as e:
-                outcome.status = FAILED
-                outcome.error = e.message
-                outcome.duration = time.monotonic() - started
-                outcomes.append(outcome)
-                emit("end", outcome)
-                for rest in specs[i + 1:]:
-                    outcomes.append(Outcome(rest.id, rest.kind, NOT_RUN))
+                fail(i, outcome, e.message, started)
+                e.outcomes = outcomes
                 raise
             except OSError as e:
-                outcome.status = FAILED
-                outcome.error = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
-                outcome.duration = time.monotonic() - started
-                outcomes.append(outcome)
-                emit("end", outcome)
-                raise StepFailed(spec.id, outcome.error) from e
+                msg = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+                fail(i, outcome, msg, started)
+                err = StepFailed(spec.id, msg)
+                err.outcomes = outcomes
+                raise err from e
             if _KILL_AT and spec.id == _KILL_AT:
                 # Fault injection for tests: die the hardest way at the worst moment,
                 # after the step's outputs are written and before they are recorded.

@@ -212,6 +212,9 @@ class Registry:
         )
         latest = self.latest(name)
         if latest is not None and latest.digest == digest:
+            # Same content: restore any blob lost from the store (cheap when present).
+            for (rel, d, size), (_, p) in zip(listing, files):
+                self._store_blob(p, d, size)
             current = dict(description=latest.description, tags=dict(latest.tags),
                            properties=dict(latest.properties), framework=latest.framework,
                            framework_version=latest.framework_version,

@@ -2,66 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples"
-
-
-class CLI:
-    """Runs ``python -m mlbuild`` in a project folder."""
-
-    def __init__(self, cwd: Path):
-        self.cwd = cwd
-
-    def __call__(self, *args: str, check: int | None = 0, env: dict | None = None,
-                 timeout: float = 120) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, **(env or {})}
-        r = subprocess.run([sys.executable, "-m", "mlbuild", *args], cwd=self.cwd,
-                           capture_output=True, text=True, env=full_env, timeout=timeout)
-        if check is not None and r.returncode != check:
-            raise AssertionError(
-                f"mlbuild {' '.join(args)} exited {r.returncode}, expected {check}\n"
-                f"--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
-        return r
-
-    def json(self, *args: str, **kw) -> dict:
-        r = self("--json", *args, **kw)
-        return json.loads(r.stdout)
-
-    def ran(self, *args: str, **kw) -> list[str]:
-        """Ids of the steps that ran."""
-        data = self.json(*args, **kw)
-        return [s["id"] for s in data["steps"] if s["status"] == "ran"]
+from clitools import CLI, copy_example, train_examples
 
 
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory) -> dict[str, Path]:
-    """Run each example's train.py once per session; returns {example: models folder}."""
-    out = {}
-    for name in ("diabetes", "multi-model"):
-        work = tmp_path_factory.mktemp(f"train-{name}")
-        shutil.copytree(EXAMPLES / name, work / name, ignore=shutil.ignore_patterns("*.pkl", "dist", ".mlbuild"))
-        subprocess.run([sys.executable, str(work / name / "train.py")], check=True,
-                       capture_output=True, timeout=300)
-        out[name] = work / name / "models"
-    return out
-
-
-def copy_example(name: str, dest: Path, trained: dict[str, Path]) -> Path:
-    proj = dest / name
-    shutil.copytree(EXAMPLES / name, proj,
-                    ignore=shutil.ignore_patterns("*.pkl", "dist", ".mlbuild", "__pycache__"))
-    for f in trained[name].iterdir():
-        shutil.copy2(f, proj / "models" / f.name)
-    return proj
+    return train_examples(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture

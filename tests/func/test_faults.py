@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import CLI
+from clitools import CLI
 
 ALL = ["model:ridge", "context:diabetes", "package:bundle/diabetes"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import CLI
+from clitools import CLI
 
 
 def test_registry_lifecycle(tmp_path: Path):

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from conftest import CLI
+from clitools import CLI
 
 ALL = ["model:ridge", "context:diabetes", "package:bundle/diabetes"]
 
@@ -112,7 +112,7 @@ def test_comments_and_key_order_change_nothing(cli: CLI, diabetes: Path):
 
 
 def test_same_fingerprints_in_two_checkouts(tmp_path, trained_models):
-    from conftest import copy_example
+    from clitools import copy_example
 
     a = copy_example("diabetes", tmp_path / "a", trained_models)
     b = copy_example("diabetes", tmp_path / "b" / "deeper", trained_models)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import mlbuild
@@ -34,6 +35,7 @@ CONTAINER_PORT = 5001
 CONDA_BASE_IMAGE = "mambaorg/micromamba:1.5.8-bookworm-slim"
 
 
+@lru_cache(maxsize=1)
 def runtime_files() -> list[tuple[str, Path]]:
     """The serving runtime as ``(path in context, source path)``."""
     pkg = Path(mlbuild.__file__).parent

@@ -72,7 +72,9 @@ class PackageStep(Step):
         except (OSError, ValueError, KeyError, TypeError):
             old = {}
 
-        image = f"{project.name}-{service.name}:{fingerprint.split(':')[-1][:16]}"
+        # Named after the context's content: the same files give the same tag, whatever
+        # the package target's own settings.
+        image = f"{project.name}-{service.name}:{context['digest'].split(':')[-1][:16]}"
         readme = render(
             "package-README.md.j2",
             project=project.name,

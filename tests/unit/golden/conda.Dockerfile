@@ -1,0 +1,58 @@
+# syntax=docker/dockerfile:1
+# Rendered by mlbuild <VERSION> for service scorer of project condaproj.
+# Layers run from least to most often changed: base, system setup, environment,
+# serving runtime, models (biggest first, one layer each), then the source.
+FROM mambaorg/micromamba:1.5.8-bookworm-slim
+
+USER root
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LANG=C.UTF-8
+
+# A non-root user to run the service.
+RUN (getent group mlbuild || groupadd --system --gid 10001 mlbuild) \
+ && (id -u mlbuild || useradd --system --uid 10001 --gid mlbuild --home-dir /var/mlbuild --no-create-home mlbuild) \
+ && mkdir -p /var/mlbuild
+
+# The environment.
+COPY env/environment.yml /opt/mlbuild-env/environment.yml
+RUN micromamba install --yes --name base --file /opt/mlbuild-env/environment.yml \
+ && micromamba clean --all --yes
+ARG MAMBA_DOCKERFILE_ACTIVATE=1
+# The base image puts python on PATH only through its entrypoint, which the
+# exec-form HEALTHCHECK and CMD below bypass.
+ENV PATH=/opt/conda/bin:$PATH
+
+# The serving runtime.
+COPY runtime/mlbuild/runtime/requirements.txt /opt/mlbuild-env/runtime-requirements.txt
+RUN python -m pip install --requirement /opt/mlbuild-env/runtime-requirements.txt
+COPY runtime/ /opt/mlbuild/
+
+# Models.
+COPY models/net/1/ /var/mlbuild/models/net/1/
+
+# Source and entry script.
+COPY app/ /var/mlbuild/app/
+
+ENV PYTHONPATH=/opt/mlbuild \
+    AML_APP_ROOT=/var/mlbuild/app \
+    MLBUILD_MODEL_DIR=/var/mlbuild/models/net/1 \
+    AZUREML_MODEL_DIR=/var/mlbuild/models/net/1 \
+    MLBUILD_ENTRY_SCRIPT=/var/mlbuild/app/score.py \
+    MLBUILD_CORS_ORIGINS="https://www.example.com,http://localhost:3000" \
+    MLBUILD_AUTH=none
+
+LABEL org.opencontainers.image.title="condaproj-scorer" \
+      org.opencontainers.image.description="mlbuild service scorer of project condaproj" \
+      dev.mlbuild.project="condaproj" \
+      dev.mlbuild.service="scorer" \
+      dev.mlbuild.models="net:1"
+
+USER mlbuild
+WORKDIR /var/mlbuild/app
+EXPOSE 5001
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5001/healthz/ready', timeout=2)"]
+CMD ["python", "-m", "mlbuild.runtime", "--host", "0.0.0.0", "--port", "5001"]

@@ -1,0 +1,51 @@
+# syntax=docker/dockerfile:1
+# Rendered by mlbuild <VERSION> for service api of project pkgs.
+# Layers run from least to most often changed: base, system setup, environment,
+# serving runtime, models (biggest first, one layer each), then the source.
+FROM python:3.10-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LANG=C.UTF-8
+
+# A non-root user to run the service.
+RUN (getent group mlbuild || groupadd --system --gid 10001 mlbuild) \
+ && (id -u mlbuild || useradd --system --uid 10001 --gid mlbuild --home-dir /var/mlbuild --no-create-home mlbuild) \
+ && mkdir -p /var/mlbuild
+
+# The environment.
+COPY env/requirements.txt /opt/mlbuild-env/requirements.txt
+RUN python -m pip install --requirement /opt/mlbuild-env/requirements.txt
+
+# The serving runtime.
+COPY runtime/mlbuild/runtime/requirements.txt /opt/mlbuild-env/runtime-requirements.txt
+RUN python -m pip install --requirement /opt/mlbuild-env/runtime-requirements.txt
+COPY runtime/ /opt/mlbuild/
+
+# Models.
+COPY models/ridge/1/ /var/mlbuild/models/ridge/1/
+
+# Source and entry script.
+COPY app/ /var/mlbuild/app/
+
+ENV PYTHONPATH=/opt/mlbuild \
+    AML_APP_ROOT=/var/mlbuild/app \
+    MLBUILD_MODEL_DIR=/var/mlbuild/models/ridge/1 \
+    AZUREML_MODEL_DIR=/var/mlbuild/models/ridge/1 \
+    MLBUILD_ENTRY_SCRIPT=/var/mlbuild/app/score.py \
+    MLBUILD_AUTH=key
+
+LABEL org.opencontainers.image.title="pkgs-api" \
+      org.opencontainers.image.description="mlbuild service api of project pkgs" \
+      dev.mlbuild.project="pkgs" \
+      dev.mlbuild.service="api" \
+      dev.mlbuild.models="ridge:1"
+
+USER mlbuild
+WORKDIR /var/mlbuild/app
+EXPOSE 5001
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5001/healthz/ready', timeout=2)"]
+CMD ["python", "-m", "mlbuild.runtime", "--host", "0.0.0.0", "--port", "5001"]
