@@ -59,6 +59,7 @@ def copy_example(name: str, dest: Path, trained: dict[str, Path]) -> Path:
     proj = dest / name
     shutil.copytree(EXAMPLES / name, proj,
                     ignore=shutil.ignore_patterns("*.pkl", "dist", ".mlbuild", "__pycache__"))
+    (proj / "models").mkdir(exist_ok=True)  # holds only git-ignored files: absent in a clone
     for f in trained[name].iterdir():
         shutil.copy2(f, proj / "models" / f.name)
     return proj

@@ -55,6 +55,7 @@ def copy_example(name: str, dest: Path, models: dict[str, bytes]) -> Path:
     shutil.copytree(EXAMPLES / name, root,
                     ignore=shutil.ignore_patterns("*.pkl", "dist", ".mlbuild", "__pycache__"))
     for rel, data in models.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)  # not in a fresh clone
         (root / rel).write_bytes(data)
     return root
 
