@@ -260,10 +260,18 @@ def clean(directory=".", file=None, packages: bool = False, everything: bool = F
                     removed.append(f"{STATE_DIR}/{sub}")
             db.forget_steps()
     if project is not None:
+        # Only folders mlbuild wrote (they hold its package manifest) are removed.
         for t in project.targets.values():
-            if t.type == "package" and t.out and (root / t.out).exists():
-                shutil.rmtree(root / t.out)
-                removed.append(t.out)
+            if t.type != "package" or not t.out or not (root / t.out).is_dir():
+                continue
+            for sub in sorted((root / t.out).iterdir()):
+                if sub.is_dir() and (sub / "mlbuild-package.json").is_file():
+                    shutil.rmtree(sub)
+                    removed.append(f"{t.out}/{sub.name}")
+            try:
+                (root / t.out).rmdir()  # only when nothing else is left in it
+            except OSError:
+                pass
     return removed
 
 

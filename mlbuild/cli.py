@@ -33,6 +33,15 @@ class Obj:
 pass_obj = click.make_pass_decorator(Obj)
 
 
+def _need_terminal(flag: str) -> None:
+    """A question needs someone to answer it: without a terminal, ask for the flag."""
+    if not sys.stdin.isatty():
+        from mlbuild.errors import InvalidInput
+
+        raise InvalidInput("this would ask for confirmation, but there is no terminal",
+                           hint=f"pass {flag} to confirm")
+
+
 def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -195,6 +204,7 @@ def clean(o: Obj, packages, everything, yes):
     from mlbuild import api
 
     if everything and not yes:
+        _need_terminal("--yes")
         click.confirm("Remove .mlbuild, including every registered model version?", abort=True)
     removed = api.clean(packages=packages, everything=everything, **o.where)
     if o.json:
@@ -320,6 +330,7 @@ def models_delete(o: Obj, ref, yes):
     from mlbuild import api
 
     if "@" not in ref and not yes:
+        _need_terminal("--yes")
         click.confirm(f"Delete every version of {ref}?", abort=True)
     gone = api.models_delete(ref, **o.where)
     if o.json:

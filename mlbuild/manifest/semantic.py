@@ -361,6 +361,8 @@ class _Builder:
                 if out_dir == ".":
                     self.add(base + ("out",), "must be a folder below the project folder, "
                                               "not the project folder itself")
+                elif out_dir is not None and self._out_overlaps(out_dir):
+                    self.add(base + ("out",), self._out_overlaps(out_dir))
                 elif out_dir is not None:
                     if out_dir in outs:
                         self.add(base + ("out",), f"{out_dir!r} is already the out folder of "
@@ -393,6 +395,29 @@ class _Builder:
                 line=self.line(base),
             )
         return out
+
+    def _out_overlaps(self, out_dir: str) -> str | None:
+        """Why a package ``out`` folder may not be used, or None.
+
+        mlbuild replaces and deletes what is below ``out``: it must not hold or lie
+        inside anything the project reads, nor mlbuild's state or version control.
+        """
+        top = out_dir.split("/", 1)[0]
+        if top in (".mlbuild", ".git"):
+            return f"{out_dir!r} is inside {top}/: choose a folder of its own, e.g. dist/NAME"
+        inputs = []
+        for section, keys in (("models", ("path",)), ("environments", ("conda", "requirements")),
+                              ("services", ("entry_script", "source_dir"))):
+            sec = self.data.get(section)
+            for entry in (sec.values() if isinstance(sec, dict) else ()):
+                if isinstance(entry, dict):
+                    inputs += [entry.get(k) for k in keys if isinstance(entry.get(k), str)]
+        for inp in inputs:
+            inp = posixpath.normpath(inp.replace("\\", "/"))
+            if inp == out_dir or inp.startswith(out_dir + "/") or out_dir.startswith(inp + "/"):
+                return (f"{out_dir!r} overlaps the project input {inp!r}: mlbuild replaces "
+                        "what is in out, so it must be a folder of its own, e.g. dist/NAME")
+        return None
 
     def default_target(self, targets: dict) -> str | None:
         if "default_target" in self.data:

@@ -68,6 +68,10 @@ class RuntimeConfig:
         keys_file = env.get("MLBUILD_AUTH_KEYS_FILE")
         if keys_file:
             keys.extend(read_keys_file(keys_file))
+        if env.get("MLBUILD_AUTH", "none") == "key" and not keys:
+            # Fail closed: an image built with auth: key never serves without a key.
+            raise ValueError("MLBUILD_AUTH=key but no key was given: set MLBUILD_AUTH_KEYS "
+                             "(comma-separated) or MLBUILD_AUTH_KEYS_FILE")
         max_body = env.get("MLBUILD_MAX_BODY_BYTES")
         dispatch = env.get("MLBUILD_RUN_DISPATCH", "inline")
         if dispatch not in DISPATCH_MODES:

@@ -24,7 +24,13 @@ class ProjectLock:
                  on_wait: Callable[[str], None] | None = None):
         self.path = Path(state_dir) / "lock"
         if timeout is None:
-            timeout = float(os.environ.get("MLBUILD_LOCK_TIMEOUT", DEFAULT_TIMEOUT))
+            raw = os.environ.get("MLBUILD_LOCK_TIMEOUT", str(DEFAULT_TIMEOUT))
+            try:
+                timeout = float(raw)
+            except ValueError:
+                from mlbuild.errors import InvalidInput
+
+                raise InvalidInput(f"MLBUILD_LOCK_TIMEOUT={raw!r} is not a number of seconds") from None
         self.timeout = timeout
         self.on_wait = on_wait
         self.fd: int | None = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -88,10 +89,21 @@ def _row(r) -> ModelVersion:
     )
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(name: str) -> None:
+    """A model name as the manifest allows it. Raises InvalidInput."""
+    if not _NAME.fullmatch(name or "") or len(name) > 255:
+        raise InvalidInput(f"model name {name!r} is not valid",
+                           hint="use letters, digits, '.', '_' and '-', starting with a "
+                           "letter or digit")
+
+
 def parse_ref(text: str) -> tuple[str, int | None]:
     """``NAME`` or ``NAME@VERSION``. Raises InvalidInput."""
     name, sep, ver = text.partition("@")
-    if not name:
+    if not name or not _NAME.fullmatch(name):
         raise InvalidInput(f"{text!r} is not a model reference", hint="write NAME or NAME@VERSION")
     if not sep:
         return name, None
@@ -192,6 +204,7 @@ class Registry:
         Raises:
             InvalidInput: ``src`` does not exist or cannot be read.
         """
+        check_name(name)
         src = Path(src)
         if not src.exists():
             raise InvalidInput(f"cannot register {src}: no such file or folder")
@@ -244,8 +257,12 @@ class Registry:
             self._store_blob(p, d, size)
         total = sum(s for _, _, s in listing)
         with self.db.transaction() as c:
+            # Versions are never reused, even after a delete: a pin such as ridge@1
+            # must not silently come to mean other content.
             row = c.execute("SELECT MAX(version) FROM models WHERE name=?", (name,)).fetchone()
-            version = (row[0] or 0) + 1
+            last = c.execute("SELECT value FROM meta WHERE key=?", (f"model-last:{name}",)).fetchone()
+            version = max(row[0] or 0, int(last[0]) if last else 0) + 1
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"model-last:{name}", str(version)))
             c.execute(
                 "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (name, version, digest, dumps([list(x) for x in listing]), total, source,

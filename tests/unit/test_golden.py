@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import mlbuild
-from conftest import EXAMPLES, make_project, run, statuses
+from unittools import EXAMPLES, make_project, run, statuses
 from mlbuild.graph.executor import RAN
 
 GOLDEN = Path(__file__).parent / "golden"

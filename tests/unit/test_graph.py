@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASIC_FILES, BASIC_MANIFEST, Opened, make_project, run, statuses
+from unittools import BASIC_FILES, BASIC_MANIFEST, Opened, make_project, run, statuses
 from mlbuild.errors import InvalidInput, MlbuildError, NotSupported, StepFailed
 from mlbuild.graph import executor, planner
 from mlbuild.graph.executor import (

@@ -116,9 +116,13 @@ class ContextStep(Step):
         listing: dict[str, str] = {}
         try:
             def put_link(rel: str, src: Path, digest: str | None = None) -> None:
+                # A copy (a clone where the file system can), never a hard link: the
+                # user's files are edited in place, and an edit must not reach into a
+                # built context or package. Only the registry's blobs are linked.
                 dst = stage / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                fsutil.link_or_copy(src, dst)
+                check_inside(ctx, src, rel)
+                fsutil.clone_or_copy(src, dst)
                 listing[rel] = digest or ctx.digests.file(src)
 
             def put_text(rel: str, text: str) -> None:
@@ -236,6 +240,21 @@ class ContextStep(Step):
 
     def summary(self, outputs: dict) -> str:
         return f"{len(outputs['files'])} files in {outputs['dir']}"
+
+
+def check_inside(ctx: BuildContext, src: Path, shown: str) -> None:
+    """Refuse a project file that is a symlink resolving outside the project."""
+    from mlbuild.errors import InvalidInput
+
+    if not src.is_symlink() and not any(p.is_symlink() for p in src.parents
+                                        if str(p).startswith(str(ctx.project.root))):
+        return
+    root = os.path.realpath(ctx.project.root)
+    real = os.path.realpath(src)
+    if not (real == root or real.startswith(root + os.sep)) and \
+            not str(src).startswith(str(Path(mlbuild.__file__).parent)):
+        raise InvalidInput(f"{src} is a symlink to {real}, outside the project",
+                           hint="copy the file into the project, or remove the link")
 
 
 def check_tree(ctx: BuildContext, root: Path, files: dict[str, str], shown: str,

@@ -35,6 +35,18 @@ class ModelStep(Step):
         m = self._model(ctx)
         p = ctx.project.path(m.path)
         if p.is_dir():
+            import os
+
+            from mlbuild.errors import InvalidInput
+            from mlbuild.state.digest import walk_files
+
+            root = os.path.realpath(ctx.project.root)
+            for rel, f in walk_files(p):
+                real = os.path.realpath(f)
+                if not real.startswith(root + os.sep):
+                    raise InvalidInput(
+                        f"models.{m.name}.path: {m.path}/{rel} is a symlink to {real}, "
+                        "outside the project", hint="copy the file into the project")
             _, listing = ctx.digests.tree(p)
             return {f"{m.path}/{rel}": d for rel, d in listing.items()}
         return {m.path: ctx.digests.file(p)}
