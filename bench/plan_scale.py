@@ -12,7 +12,6 @@ cost so linearity shows.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time

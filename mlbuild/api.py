@@ -7,7 +7,6 @@ Verbs that change state take the project lock; read-only verbs do not.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mlbuild.errors import InvalidInput, MlbuildError
+from mlbuild.errors import InvalidInput
 from mlbuild.state.db import STATE_DIR, SchemaCache, StateDB
 
 
@@ -210,7 +209,7 @@ def models_download(ref: str, out: str | None = None, directory=".", file=None) 
     with registry_session(directory, file) as s:
         mv = s.registry.get(ref)
         dest = Path(out) if out else Path(f"{mv.name}-{mv.version}")
-        if dest.exists() and any(dest.iterdir()) if dest.is_dir() else dest.exists():
+        if dest.is_dir() and any(dest.iterdir()) or dest.exists() and not dest.is_dir():
             raise InvalidInput(f"{dest} already exists and is not empty",
                                hint="choose another folder with -o")
         s.registry.materialize(mv, dest, link=False)

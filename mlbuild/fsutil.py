@@ -8,7 +8,6 @@ hard-link the same inode into the blob store, build contexts and packages.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -18,6 +17,15 @@ from pathlib import Path
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _libc = None
+
+
+def resolves_outside(root_real: str, path: Path | str) -> str | None:
+    """The real path of ``path`` when it resolves outside ``root_real`` (an already
+    ``realpath``-ed folder), else None."""
+    real = os.path.realpath(path)
+    if real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep):
+        return None
+    return real
 
 
 def link_or_copy(src: Path | str, dst: Path | str) -> bool:
@@ -66,6 +74,8 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
     global _libc
+    import ctypes
+
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)

@@ -137,7 +137,9 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
     outputs: dict[str, dict] = {}
     outcomes: list[Outcome] = []
     records = ctx.db.all_steps()
-    def fail(i: int, outcome: Outcome, message: str, started: float) -> None:
+
+    def fail(i: int, outcome: Outcome, err: MlbuildError, message: str, started: float) -> None:
+        """Record the failed step and the ones after it, on the error too."""
         outcome.status = FAILED
         outcome.error = message
         outcome.duration = time.monotonic() - started
@@ -147,6 +149,7 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
             skipped = Outcome(rest.id, rest.kind, NOT_RUN)
             outcomes.append(skipped)
             emit("end", skipped)
+        err.outcomes = outcomes
 
     try:
         for i, spec in enumerate(specs):
@@ -157,8 +160,7 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
                 upstream_keys = {d: keys[d] for d in spec.deps}
                 detail = compute_detail(step, ctx, upstream_keys)
             except MlbuildError as e:
-                fail(i, outcome, e.message, started)
-                e.outcomes = outcomes
+                fail(i, outcome, e, e.message, started)
                 raise
             fp = outcome.fingerprint = hash_json(detail)
             rec = records.get(spec.id)
@@ -191,14 +193,12 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
             try:
                 out = step.run(ctx, {d: outputs[d] for d in spec.deps}, fp)
             except MlbuildError as e:
-                fail(i, outcome, e.message, started)
-                e.outcomes = outcomes
+                fail(i, outcome, e, e.message, started)
                 raise
             except OSError as e:
                 msg = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
-                fail(i, outcome, msg, started)
                 err = StepFailed(spec.id, msg)
-                err.outcomes = outcomes
+                fail(i, outcome, err, msg, started)
                 raise err from e
             if _KILL_AT and spec.id == _KILL_AT:
                 # Fault injection for tests: die the hardest way at the worst moment,

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from mlbuild.errors import Problem
+from mlbuild.fsutil import resolves_outside
 from mlbuild.manifest.model import (
     EMBEDDED_DEFAULT_TARGET,
     NO_CODE_FRAMEWORKS,
@@ -74,6 +75,23 @@ def _mapping(value) -> dict:
 
 def _str(value) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _out_overlaps(out_dir: str, inputs: list[str]) -> str | None:
+    """Why a package ``out`` folder may not be used, or None.
+
+    mlbuild replaces and deletes what is below ``out``: it must not hold or lie inside
+    anything the project reads (``inputs``: normalised relative paths), nor mlbuild's
+    state or version control.
+    """
+    top = out_dir.split("/", 1)[0]
+    if top in (".mlbuild", ".git"):
+        return f"{out_dir!r} is inside {top}/: choose a folder of its own, e.g. dist/NAME"
+    for inp in inputs:
+        if inp == out_dir or inp.startswith(out_dir + "/") or out_dir.startswith(inp + "/"):
+            return (f"{out_dir!r} overlaps the project input {inp!r}: mlbuild replaces "
+                    "what is in out, so it must be a folder of its own, e.g. dist/NAME")
+    return None
 
 
 def _is_number(value) -> bool:
@@ -158,9 +176,8 @@ class _Builder:
             return None
         full = os.path.join(self.root, rel)
         try:
-            real = os.path.realpath(full)
-            inside = real == self.root_real or real.startswith(self.root_real.rstrip(os.sep) + os.sep)
-            if not inside:
+            real = resolves_outside(self.root_real, full)
+            if real is not None:
                 self.add(path, f"{value!r} resolves to {real!r}, outside the project folder "
                                "(a symlink?)")
                 return None
@@ -185,7 +202,10 @@ class _Builder:
         models = self.models()
         envs = self.environments()
         services = self.services(models, envs)
-        targets = self.targets(set(services) | set(_mapping(self.data.get("services"))))
+        inputs = [m.path for m in models.values()]
+        inputs += [e.spec_file for e in envs.values() if e.spec_file]
+        inputs += [p for s in services.values() for p in (s.entry_script, s.source_dir) if p]
+        targets = self.targets(set(services) | set(_mapping(self.data.get("services"))), inputs)
         default = self.default_target(targets)
         self.check_name_lengths(name, services, targets)
         if name is None:
@@ -329,7 +349,7 @@ class _Builder:
             )
         return out
 
-    def targets(self, service_names: set) -> dict[str, Target]:
+    def targets(self, service_names: set, inputs: list[str]) -> dict[str, Target]:
         declared = _mapping(self.data.get("targets"))
         if not declared:
             return {"dev": EMBEDDED_DEFAULT_TARGET}
@@ -361,8 +381,8 @@ class _Builder:
                 if out_dir == ".":
                     self.add(base + ("out",), "must be a folder below the project folder, "
                                               "not the project folder itself")
-                elif out_dir is not None and self._out_overlaps(out_dir):
-                    self.add(base + ("out",), self._out_overlaps(out_dir))
+                elif out_dir is not None and (why := _out_overlaps(out_dir, inputs)):
+                    self.add(base + ("out",), why)
                 elif out_dir is not None:
                     if out_dir in outs:
                         self.add(base + ("out",), f"{out_dir!r} is already the out folder of "
@@ -395,29 +415,6 @@ class _Builder:
                 line=self.line(base),
             )
         return out
-
-    def _out_overlaps(self, out_dir: str) -> str | None:
-        """Why a package ``out`` folder may not be used, or None.
-
-        mlbuild replaces and deletes what is below ``out``: it must not hold or lie
-        inside anything the project reads, nor mlbuild's state or version control.
-        """
-        top = out_dir.split("/", 1)[0]
-        if top in (".mlbuild", ".git"):
-            return f"{out_dir!r} is inside {top}/: choose a folder of its own, e.g. dist/NAME"
-        inputs = []
-        for section, keys in (("models", ("path",)), ("environments", ("conda", "requirements")),
-                              ("services", ("entry_script", "source_dir"))):
-            sec = self.data.get(section)
-            for entry in (sec.values() if isinstance(sec, dict) else ()):
-                if isinstance(entry, dict):
-                    inputs += [entry.get(k) for k in keys if isinstance(entry.get(k), str)]
-        for inp in inputs:
-            inp = posixpath.normpath(inp.replace("\\", "/"))
-            if inp == out_dir or inp.startswith(out_dir + "/") or out_dir.startswith(inp + "/"):
-                return (f"{out_dir!r} overlaps the project input {inp!r}: mlbuild replaces "
-                        "what is in out, so it must be a folder of its own, e.g. dist/NAME")
-        return None
 
     def default_target(self, targets: dict) -> str | None:
         if "default_target" in self.data:

@@ -132,13 +132,6 @@ class DigestCache:
         listing = {rel: self.file(abs_) for rel, abs_ in walk_files(folder)}
         return hash_json(sorted(listing.items())), listing
 
-    def path(self, p: Path) -> tuple[str, dict[str, str]]:
-        """Digest of a file or a folder; a file's listing holds its own name."""
-        if p.is_dir():
-            return self.tree(p)
-        d = self.file(p)
-        return d, {p.name: d}
-
     def remember(self, path: Path | str, digest: str) -> None:
         """Record a digest we computed while writing a file (saves a re-read)."""
         p = os.path.abspath(path)

@@ -89,6 +89,13 @@ def _row(r) -> ModelVersion:
     )
 
 
+def _meta_row(meta: dict) -> tuple:
+    """The metadata columns, in table order (description .. resources)."""
+    return (meta["description"], dumps(meta["tags"]), dumps(meta["properties"]),
+            meta["framework"], meta["framework_version"],
+            dumps(meta["resources"]) if meta["resources"] else None)
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -214,10 +221,12 @@ class Registry:
                 raise InvalidInput(f"cannot register {src}: the folder holds no files")
         else:
             files = [(src.name, src)]
-        listing = []
-        for rel, p in files:
-            listing.append((rel, self.digests.file(p), p.stat().st_size))
+        listing = [(rel, self.digests.file(p), p.stat().st_size) for rel, p in files]
         digest = hash_json([[rel, d] for rel, d, _ in listing])
+        # Stored first in both cases below: for content already registered this puts
+        # back a blob lost from the store, and costs one stat otherwise.
+        for (_, d, size), (_, p) in zip(listing, files):
+            self._store_blob(p, d, size)
         meta = dict(
             description=description, tags=dict(tags or {}), properties=dict(properties or {}),
             framework=framework, framework_version=framework_version,
@@ -225,36 +234,22 @@ class Registry:
         )
         latest = self.latest(name)
         if latest is not None and latest.digest == digest:
-            # Same content: restore any blob lost from the store (cheap when present).
-            for (rel, d, size), (_, p) in zip(listing, files):
-                self._store_blob(p, d, size)
             current = dict(description=latest.description, tags=dict(latest.tags),
                            properties=dict(latest.properties), framework=latest.framework,
                            framework_version=latest.framework_version,
                            resources=dict(latest.resources) if latest.resources else None)
             if not replace_metadata:
-                merged = dict(current)
-                for k, v in meta.items():
-                    if k in ("tags", "properties"):
-                        merged[k] = {**current[k], **v}
-                    elif v is not None:
-                        merged[k] = v
-                meta = merged
-                description, framework, framework_version = (
-                    meta["description"], meta["framework"], meta["framework_version"])
-                resources = meta["resources"]
+                meta = {k: ({**current[k], **v} if k in ("tags", "properties")
+                            else current[k] if v is None else v)
+                        for k, v in meta.items()}
             if current != meta:
                 self.db.execute(
                     "UPDATE models SET description=?, tags=?, properties=?, framework=?, "
                     "framework_version=?, resources=? WHERE name=? AND version=?",
-                    (description, dumps(meta["tags"]), dumps(meta["properties"]), framework,
-                     framework_version, dumps(meta["resources"]) if resources else None,
-                     name, latest.version))
+                    (*_meta_row(meta), name, latest.version))
                 latest = self.find(name, latest.version)
             self.digests.flush()
             return latest, False
-        for (rel, d, size), (_, p) in zip(listing, files):
-            self._store_blob(p, d, size)
         total = sum(s for _, _, s in listing)
         with self.db.transaction() as c:
             # Versions are never reused, even after a delete: a pin such as ridge@1
@@ -266,8 +261,7 @@ class Registry:
             c.execute(
                 "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (name, version, digest, dumps([list(x) for x in listing]), total, source,
-                 description, dumps(meta["tags"]), dumps(meta["properties"]), framework,
-                 framework_version, dumps(meta["resources"]) if resources else None, time.time()))
+                 *_meta_row(meta), time.time()))
         self.digests.flush()
         return self.find(name, version), True
 

@@ -68,30 +68,25 @@ class Server:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout=START_TIMEOUT) -> None:
+    def _wait(self, path: str, ok, what: str, timeout: float) -> None:
+        """Poll ``GET path`` until ``ok(response)``; fail if the server exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
             try:
-                if self.get("/healthz/ready", timeout=2).status == 200:
+                if ok(self.get(path, timeout=2)):
                     return
             except OSError:
                 pass
             time.sleep(0.05)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.output()}")
+        raise AssertionError(f"server not {what} after {timeout}s:\n{self.output()}")
+
+    def wait_ready(self, timeout=START_TIMEOUT) -> None:
+        self._wait("/healthz/ready", lambda r: r.status == 200, "ready", timeout)
 
     def wait_listening(self, timeout=START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                self.get("/healthz/live", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"server not listening after {timeout}s:\n{self.output()}")
+        self._wait("/healthz/live", lambda r: True, "listening", timeout)
 
     def wait_exit(self, timeout=START_TIMEOUT) -> int:
         return self.proc.wait(timeout=timeout)

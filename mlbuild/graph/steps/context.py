@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlbuild
 from mlbuild import fsutil
+from mlbuild.errors import InvalidInput
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.manifest.model import DEFAULT_BASE_IMAGE
 from mlbuild.state.digest import hash_bytes, hash_json, walk_files
@@ -52,7 +53,13 @@ def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], 
     entry_in_app = None
     src = service.source_dir
     if src:
+        root_real = os.path.realpath(project.root)
         for rel, p in walk_files(project.path(src)):
+            real = fsutil.resolves_outside(root_real, p)
+            if real is not None:
+                raise InvalidInput(f"services.{service.name}.source_dir: {src}/{rel} is a "
+                                   f"symlink to {real}, outside the project",
+                                   hint="copy the file into the project, or remove the link")
             out.append((f"app/{rel}", p, f"{src}/{rel}"))
     if service.entry_script:
         es = service.entry_script
@@ -115,13 +122,12 @@ class ContextStep(Step):
         stage = fsutil.staging_dir(target)
         listing: dict[str, str] = {}
         try:
-            def put_link(rel: str, src: Path, digest: str | None = None) -> None:
+            def put_file(rel: str, src: Path, digest: str | None = None) -> None:
                 # A copy (a clone where the file system can), never a hard link: the
                 # user's files are edited in place, and an edit must not reach into a
                 # built context or package. Only the registry's blobs are linked.
                 dst = stage / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                check_inside(ctx, src, rel)
                 fsutil.clone_or_copy(src, dst)
                 listing[rel] = digest or ctx.digests.file(src)
 
@@ -135,10 +141,10 @@ class ContextStep(Step):
             # The environment spec.
             if env.kind == "conda":
                 env_file = "env/environment.yml"
-                put_link(env_file, project.path(env.conda))
+                put_file(env_file, project.path(env.conda))
             elif env.kind == "requirements":
                 env_file = "env/requirements.txt"
-                put_link(env_file, project.path(env.requirements))
+                put_file(env_file, project.path(env.requirements))
             else:
                 env_file = "env/requirements.txt"
                 put_text(env_file, "".join(f"{p}\n" for p in env.packages))
@@ -146,7 +152,7 @@ class ContextStep(Step):
             # The runtime.
             runtime_reqs = None
             for rel, p in runtime_files():
-                put_link(rel, p)
+                put_file(rel, p)
                 if rel == "runtime/mlbuild/runtime/requirements.txt":
                     runtime_reqs = rel
 
@@ -172,12 +178,12 @@ class ContextStep(Step):
             # The app.
             files, entry_in_app = app_files(ctx, s)
             for rel, p, _ in files:
-                put_link(rel, p)
+                put_file(rel, p)
 
             samples = {}
             for key, sample in (("input", s.schema_input), ("output", s.schema_output)):
                 if sample:
-                    put_link(f"samples/{key}.json", project.path(sample))
+                    put_file(f"samples/{key}.json", project.path(sample))
                     samples[key] = f"/var/mlbuild/samples/{key}.json"
 
             no_code = None
@@ -240,21 +246,6 @@ class ContextStep(Step):
 
     def summary(self, outputs: dict) -> str:
         return f"{len(outputs['files'])} files in {outputs['dir']}"
-
-
-def check_inside(ctx: BuildContext, src: Path, shown: str) -> None:
-    """Refuse a project file that is a symlink resolving outside the project."""
-    from mlbuild.errors import InvalidInput
-
-    if not src.is_symlink() and not any(p.is_symlink() for p in src.parents
-                                        if str(p).startswith(str(ctx.project.root))):
-        return
-    root = os.path.realpath(ctx.project.root)
-    real = os.path.realpath(src)
-    if not (real == root or real.startswith(root + os.sep)) and \
-            not str(src).startswith(str(Path(mlbuild.__file__).parent)):
-        raise InvalidInput(f"{src} is a symlink to {real}, outside the project",
-                           hint="copy the file into the project, or remove the link")
 
 
 def check_tree(ctx: BuildContext, root: Path, files: dict[str, str], shown: str,

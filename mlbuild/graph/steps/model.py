@@ -8,8 +8,12 @@ what downstream steps see, so nothing is rebuilt for it.
 
 from __future__ import annotations
 
+import os
+
 from mlbuild.errors import InvalidInput
+from mlbuild.fsutil import resolves_outside
 from mlbuild.graph.step import BuildContext, Step
+from mlbuild.state.digest import walk_files
 
 
 class ModelStep(Step):
@@ -35,20 +39,16 @@ class ModelStep(Step):
         m = self._model(ctx)
         p = ctx.project.path(m.path)
         if p.is_dir():
-            import os
-
-            from mlbuild.errors import InvalidInput
-            from mlbuild.state.digest import walk_files
-
-            root = os.path.realpath(ctx.project.root)
+            root_real = os.path.realpath(ctx.project.root)
+            files = {}
             for rel, f in walk_files(p):
-                real = os.path.realpath(f)
-                if not real.startswith(root + os.sep):
+                real = resolves_outside(root_real, f)
+                if real is not None:
                     raise InvalidInput(
                         f"models.{m.name}.path: {m.path}/{rel} is a symlink to {real}, "
                         "outside the project", hint="copy the file into the project")
-            _, listing = ctx.digests.tree(p)
-            return {f"{m.path}/{rel}": d for rel, d in listing.items()}
+                files[f"{m.path}/{rel}"] = ctx.digests.file(f)
+            return files
         return {m.path: ctx.digests.file(p)}
 
     def extra(self, ctx: BuildContext) -> dict:

@@ -13,9 +13,7 @@ over, and the two folders are swapped atomically.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import mlbuild
 from mlbuild import fsutil
