@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -15,7 +14,7 @@ import click
 
 from mlbuild import __version__
 from mlbuild.errors import (EXIT_BROKEN, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK,
-                            ManifestError, MlbuildError)
+                            MlbuildError)
 
 
 class Obj:
@@ -137,7 +136,6 @@ class Reporter:
 
     def __init__(self, o: Obj):
         self.o = o
-        self.width = 24
 
     def __call__(self, event: str, x) -> None:
         if self.o.json:
@@ -355,6 +353,9 @@ def models_tag(o: Obj, ref, tags, remove):
 
 # -- the one place errors become exit codes --------------------------------------------------
 
+INTERRUPTED = "interrupted: finished steps are recorded; run again to do the rest"
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -366,8 +367,13 @@ def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="mlbuild", standalone_mode=False)
         code = EXIT_OK
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as e:
+        # click turns a KeyboardInterrupt inside a command into Abort: say what Ctrl-C
+        # (or SIGTERM) left behind, as the KeyboardInterrupt branch below does.
+        if isinstance(e.__context__, KeyboardInterrupt):
+            click.echo(INTERRUPTED, err=True)
+        else:
+            click.echo("aborted", err=True)
         code = EXIT_INTERRUPTED
     except click.exceptions.ClickException as e:
         e.show()
@@ -384,7 +390,7 @@ def main(argv=None) -> None:
             click.echo(f"hint: {e.hint}", err=True)
         code = e.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted: finished steps are recorded; run again to do the rest", err=True)
+        click.echo(INTERRUPTED, err=True)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
         code = EXIT_OK

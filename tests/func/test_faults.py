@@ -15,6 +15,18 @@ from clitools import CLI
 ALL = ["model:ridge", "context:diabetes", "package:bundle/diabetes"]
 
 
+def add_big_model(project: Path, files: int, size: int) -> None:
+    """Add a folder model ``big`` of many files to the service."""
+    big = project / "models" / "big"
+    big.mkdir()
+    for i in range(files):
+        (big / f"part-{i:03}.bin").write_bytes(os.urandom(size))
+    m = project / "mlproject.yaml"
+    m.write_text(m.read_text().replace(
+        "models:\n", "models:\n  big: {path: models/big}\n", 1).replace(
+        "models: [ridge]", "models: [ridge, big]"))
+
+
 def test_bad_manifest_exit_3_no_traceback_no_state(cli: CLI, diabetes: Path):
     m = diabetes / "mlproject.yaml"
     m.write_text(m.read_text().replace("environment: sklearn", "environment: skl"))
@@ -29,7 +41,7 @@ def test_bad_manifest_exit_3_no_traceback_no_state(cli: CLI, diabetes: Path):
 
 def test_kill_after_step_output_before_record(cli: CLI, diabetes: Path):
     """SIGKILL after the context step wrote its output but before it was recorded."""
-    r = cli("deploy", "bundle", check=-signal.SIGKILL,
+    cli("deploy", "bundle", check=-signal.SIGKILL,
             env={"MLBUILD_DEBUG_KILL_AFTER": "context:diabetes"})
     plan = {s["id"]: s for s in cli.json("plan", "bundle")["steps"]}
     assert plan["model:ridge"]["status"] == "up-to-date"
@@ -43,14 +55,7 @@ def test_kill_after_step_output_before_record(cli: CLI, diabetes: Path):
 
 def test_kill_at_random_moments_converges(cli: CLI, diabetes: Path):
     """Kill deploys at several moments; the next run finishes and the result is sound."""
-    big = diabetes / "models" / "big"
-    big.mkdir()
-    for i in range(200):
-        (big / f"part-{i:03}.bin").write_bytes(os.urandom(64 * 1024))
-    m = diabetes / "mlproject.yaml"
-    m.write_text(m.read_text().replace(
-        "models:\n", "models:\n  big: {path: models/big}\n", 1).replace(
-        "models: [ridge]", "models: [ridge, big]"))
+    add_big_model(diabetes, files=200, size=64 * 1024)
     for delay in (0.15, 0.3, 0.45, 0.6, 0.8):
         p = subprocess.Popen([sys.executable, "-m", "mlbuild", "deploy", "bundle", "--force"],
                              cwd=diabetes, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -65,16 +70,20 @@ def test_kill_at_random_moments_converges(cli: CLI, diabetes: Path):
 
 
 def test_ctrl_c_exits_130(cli: CLI, diabetes: Path):
-    big = diabetes / "models" / "sklearn_regression_model.pkl"
+    """SIGINT while a step runs: exit 130, no traceback, the next run finishes."""
+    add_big_model(diabetes, files=400, size=256 * 1024)  # keeps the model step busy
     p = subprocess.Popen([sys.executable, "-m", "mlbuild", "deploy", "bundle"], cwd=diabetes,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.25)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=30)
-    if p.returncode == 0:  # finished before the signal: nothing to check
-        return
+    try:
+        for line in p.stderr:  # wait until a step is running, then interrupt it
+            if line.split()[:2] == ["run", "model:big"]:
+                p.send_signal(signal.SIGINT)
+                break
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
     assert p.returncode == 130, err
-    assert "Traceback" not in err
+    assert "interrupted" in err and "Traceback" not in err
     cli("deploy", "bundle")
     assert cli.ran("deploy", "bundle") == []
 
