@@ -279,3 +279,223 @@ def init(directory=".", name: str | None = None, force: bool = False) -> list[st
     from mlbuild.scaffold import scaffold
 
     return scaffold(Path(directory), name, force)
+
+
+# -- running services: status / logs / down / invoke / keys / serve ----------------------
+
+def _service_of(project, name: str):
+    from mlbuild.manifest.suggest import did_you_mean
+
+    try:
+        return project.services[name]
+    except KeyError:
+        raise InvalidInput(f"no service {name!r} in {project.manifest_path.name}"
+                           + did_you_mean(name, project.services),
+                           hint="services: " + ", ".join(sorted(project.services))) from None
+
+
+def _process_target(project, target: str | None):
+    from mlbuild.errors import NotSupported
+
+    t = project.target(target)
+    if t.type != "process":
+        raise NotSupported(f"target {t.name!r} is of type {t.type}: this command works on "
+                           "process targets for now",
+                           hint="name a process target (type: process)")
+    return t
+
+
+@dataclass
+class ServiceStatus:
+    target: str
+    service: str
+    state: str
+    url: str | None = None
+    pid: int | None = None
+    fingerprint: str | None = None
+    since: float | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def status(directory=".", file=None, target: str | None = None) -> list[ServiceStatus]:
+    """The state of every service of ``target`` (default: every process target)."""
+    from mlbuild.backends import process as proc
+
+    with session(directory, file) as s:
+        p = s.project
+        targets = [_process_target(p, target)] if target else \
+            [t for t in p.targets.values() if t.type == "process"]
+        out = []
+        for t in targets:
+            deps = s.db.deployments(t.name)
+            names = [sv.name for sv in p.services_for(t)]
+            names += sorted(n for (_, n) in deps if n not in names)
+            for name in names:
+                dep = deps.get((t.name, name))
+                if dep is None:
+                    out.append(ServiceStatus(t.name, name, "-", detail="not deployed"))
+                    continue
+                state, detail = proc.observe(dict(dep, release=str(p.root / dep["release"])))
+                if name not in p.services:
+                    detail += "; no longer in the manifest (mlbuild down stops it)"
+                out.append(ServiceStatus(t.name, name, state, dep["url"], dep["pid"],
+                                         dep["fingerprint"][:12], dep["started_at"], detail))
+        return out
+
+
+def log_path(service: str, directory=".", file=None, target: str | None = None) -> Path:
+    """The log file of ``service`` on a process target."""
+    from mlbuild.graph.steps.process import log_file
+
+    with session(directory, file) as s:
+        t = _process_target(s.project, target)
+        path = log_file(s.db.state_dir, t.name, service)
+        if not path.exists():
+            if service not in s.project.services:
+                _service_of(s.project, service)
+            raise InvalidInput(f"service {service!r} has no log on target {t.name!r} yet",
+                               hint=f"deploy it first: mlbuild deploy {t.name}")
+        return path
+
+
+def down(directory=".", file=None, target: str | None = None) -> list[str]:
+    """Stop every service of a process target. Returns the services stopped."""
+    import shutil as _shutil
+
+    from mlbuild.graph.steps.process import release_root, stop_release
+
+    with session(directory, file, lock=True) as s:
+        t = _process_target(s.project, target)
+        stopped = []
+        for (_, name), dep in s.db.deployments(t.name).items():
+            stop_release(s.project.root / dep["release"], dep.get("port"))
+            s.db.drop_deployment(t.name, name)
+            stopped.append(name)
+        # Releases nobody recorded (a deploy killed while waiting for health) too.
+        run_dir = s.db.state_dir / "run" / t.name
+        if run_dir.is_dir():
+            for svc_dir in run_dir.iterdir():
+                for rel in (list(svc_dir.iterdir()) if svc_dir.is_dir() else []):
+                    stop_release(rel)
+                _shutil.rmtree(release_root(s.db.state_dir, t.name, svc_dir.name),
+                               ignore_errors=True)
+        s.db.forget_steps(f"process:{t.name}/")
+        return stopped
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+
+def invoke(service: str, data: bytes, directory=".", file=None, target: str | None = None,
+           content_type: str = "application/json", timeout: float = 60.0,
+           path: str = "/score") -> Response:
+    """POST ``data`` to a deployed service (with its key when it has auth: key)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from mlbuild.errors import StepFailed
+
+    with session(directory, file) as s:
+        t = _process_target(s.project, target)
+        svc = _service_of(s.project, service)
+        dep = s.db.get_deployment(t.name, service)
+        if dep is None:
+            raise InvalidInput(f"service {service!r} is not deployed to target {t.name!r}",
+                               hint=f"run mlbuild deploy {t.name}")
+        keys = s.db.get_keys(t.name, service) if svc.auth == "key" else None
+    u = urlsplit(dep["url"])
+    headers = {"Content-Type": content_type}
+    if keys:
+        headers["Authorization"] = f"Bearer {keys[0]}"
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=data, headers=headers)
+        r = conn.getresponse()
+        return Response(r.status, dict(r.getheaders()), r.read())
+    except OSError as e:
+        raise StepFailed(f"invoke:{service}", f"{dep['url']}{path} does not answer: "
+                         f"{e.strerror or e}",
+                         hint=f"mlbuild status {t.name} shows its state; mlbuild logs "
+                              f"{service} -t {t.name} its log") from e
+    finally:
+        conn.close()
+
+
+def keys(service: str, directory=".", file=None, target: str | None = None,
+         regenerate: str | None = None) -> tuple[str, str]:
+    """The primary and secondary key of ``service`` on ``target`` (made when missing)."""
+    from mlbuild.state import keys as keystore
+
+    with session(directory, file, lock=True) as s:
+        t = s.project.target(target)
+        svc = _service_of(s.project, service)
+        if svc.auth != "key":
+            raise InvalidInput(f"service {service!r} does not use keys (auth: {svc.auth})",
+                               hint=f"set services.{service}.auth: key in "
+                                    f"{s.project.manifest_path.name}")
+        if regenerate:
+            return keystore.regenerate(s.db, t.name, service, regenerate)
+        return keystore.ensure(s.db, t.name, service)
+
+
+@dataclass
+class DevServer:
+    """What ``mlbuild serve SERVICE`` runs, and what it watches for ``--reload``."""
+
+    argv: list
+    env: dict
+    cwd: str
+    watch: list
+
+
+def prepare_serve(service: str, directory=".", file=None, host: str = "127.0.0.1",
+                  port: int = 5001, on_event=None) -> DevServer:
+    """Register the service's models and build its context, then say how to serve it
+    from this Python, with the entry script and source taken from the project itself
+    (so an edit shows at the next reload, without a rebuild)."""
+    import os
+
+    from mlbuild.graph.executor import execute
+    from mlbuild.graph.planner import service_steps
+    from mlbuild.graph.steps.context import APP_ROOT, MODEL_ROOT
+
+    with session(directory, file, lock=True) as s:
+        p = s.project
+        svc = _service_of(p, service)
+        outcomes = execute(s.context(p.targets.get(p.default_target or "")
+                                     or next(iter(p.targets.values()))),
+                           service_steps(p, service), on_event=on_event)
+        context = next(o.outputs for o in outcomes if o.kind == "context")
+        ctx_dir = p.root / context["dir"]
+        app_root = str(p.path(svc.source_dir)) if svc.source_dir else \
+            str(p.path(svc.entry_script).parent) if svc.entry_script else str(p.root)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MLBUILD_", "AZUREML_", "AML_"))}
+        for k, v in context["env"].items():
+            if v.startswith(MODEL_ROOT):
+                v = str(ctx_dir / "models") + v[len(MODEL_ROOT):]
+            env[k] = v
+        env["AML_APP_ROOT"] = app_root
+        env["MLBUILD_AUTH"] = "none"
+        if svc.entry_script:
+            env["MLBUILD_ENTRY_SCRIPT"] = str(p.path(svc.entry_script))
+        for key, sample in (("INPUT", svc.schema_input), ("OUTPUT", svc.schema_output)):
+            if sample:
+                env[f"MLBUILD_SCHEMA_{key}"] = str(p.path(sample))
+        watch = [p.manifest_path]
+        if svc.entry_script:
+            watch.append(p.path(svc.entry_script))
+        if svc.source_dir:
+            watch.append(p.path(svc.source_dir))
+        watch += [p.path(s_) for s_ in (svc.schema_input, svc.schema_output) if s_]
+        watch += [p.path(p.models[m.name].path) for m in svc.models
+                  if m.name in p.models and p.models[m.name].path]
+        argv = [sys.executable, "-m", "mlbuild.runtime", "--host", host, "--port", str(port)]
+        return DevServer(argv, env, app_root, [str(w) for w in watch])

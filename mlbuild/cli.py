@@ -150,7 +150,8 @@ class Reporter:
         elif x.status == "ran":
             click.echo(f"  done        {x.id}  {x.summary} [{x.duration:.2f} s]", err=True)
         elif x.status == "failed":
-            click.echo(f"  FAILED      {x.id}: {x.error}", err=True)
+            # The whole message (with log lines) follows as the error itself.
+            click.echo(f"  FAILED      {x.id}", err=True)
 
 
 def _run_verb(o: Obj, verb: str, target, force: bool):
@@ -171,6 +172,10 @@ def _run_verb(o: Obj, verb: str, target, force: bool):
     for x in r.outcomes:
         if x.kind == "package" and x.outputs:
             click.echo(f"  package: {x.outputs['dir']}")
+        elif x.kind == "process" and x.outputs:
+            service = x.id.split("/", 1)[1]
+            click.echo(f"  {service}: {x.outputs['url']}  (mlbuild invoke {service} "
+                       f"-t {r.target.name} --data @FILE)")
 
 
 @cli.command()
@@ -208,6 +213,219 @@ def clean(o: Obj, packages, everything, yes):
     if o.json:
         return _emit_json({"removed": removed})
     click.echo("removed " + ", ".join(removed) if removed else "nothing to remove")
+
+
+# -- running services ------------------------------------------------------------------------
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    sec = max(0, time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if sec >= n:
+            return f"{int(sec // n)}{unit} ago"
+    return f"{int(sec)}s ago"
+
+
+@cli.command()
+@click.argument("target", required=False)
+@pass_obj
+def status(o: Obj, target):
+    """State of the deployed services (default: of every process target).
+
+    States: Healthy, Transitioning (init() running), Unhealthy (running, failing its
+    health check), Failed (exited; with its exit status), - (not deployed)."""
+    from mlbuild import api
+
+    rows = api.status(target=target, **o.where)
+    if o.json:
+        return _emit_json([r.to_json() for r in rows])
+    if not rows:
+        click.echo("no process targets")
+        return
+    table = [("TARGET", "SERVICE", "STATE", "URL", "PID", "FINGERPRINT", "SINCE", "DETAIL")]
+    table += [(r.target, r.service, r.state, r.url or "-", str(r.pid or "-"),
+               r.fingerprint or "-", _ago(r.since), r.detail) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+
+
+@cli.command()
+@click.argument("service")
+@click.option("-t", "--target", help="Process target (default: default_target).")
+@click.option("-n", "--tail", "lines", type=int, default=200, show_default=True,
+              help="Lines to show (0: all).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
+@pass_obj
+def logs(o: Obj, service, target, lines, follow):
+    """Print the log of SERVICE on a process target."""
+    from mlbuild import api
+    from mlbuild.backends.process import tail
+
+    path = api.log_path(service, target=target, **o.where)
+    if lines:
+        for line in tail(path, lines):
+            click.echo(line)
+    else:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                click.echo(raw.decode("utf-8", "replace").rstrip("\n"))
+    if not follow:
+        return
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        try:
+            while True:
+                chunk = fh.readline()
+                if chunk:
+                    click.echo(chunk.decode("utf-8", "replace").rstrip("\n"))
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            return
+
+
+@cli.command()
+@click.argument("target", required=False)
+@pass_obj
+def down(o: Obj, target):
+    """Stop the services of a process TARGET (their venvs and keys are kept)."""
+    from mlbuild import api
+
+    stopped = api.down(target=target, **o.where)
+    if o.json:
+        return _emit_json({"stopped": stopped})
+    click.echo("stopped " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+@cli.command()
+@click.argument("service")
+@click.option("-t", "--target", help="Process target (default: default_target).")
+@click.option("-d", "--data", required=True, metavar="JSON|@FILE|-",
+              help="Request body: inline text, @FILE to read a file, - for stdin.")
+@click.option("--content-type", default="application/json", show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")
+@pass_obj
+def invoke(o: Obj, service, target, data, content_type, timeout):
+    """Call a deployed SERVICE's /score (with its key) and print the answer."""
+    from mlbuild import api
+    from mlbuild.errors import InvalidInput, StepFailed
+
+    if data == "-":
+        body = sys.stdin.buffer.read()
+    elif data.startswith("@"):
+        try:
+            with open(data[1:], "rb") as fh:
+                body = fh.read()
+        except OSError as e:
+            raise InvalidInput(f"--data {data}: {e.strerror}") from e
+    else:
+        body = data.encode()
+    r = api.invoke(service, body, target=target, content_type=content_type, timeout=timeout,
+                   **o.where)
+    if o.json:
+        try:
+            parsed = json.loads(r.body)
+        except ValueError:
+            parsed = r.body.decode("utf-8", "replace")
+        _emit_json({"status": r.status, "body": parsed})
+    else:
+        out = r.body.decode("utf-8", "replace")
+        click.echo(out, nl=not out.endswith("\n"))
+    if r.status >= 400:
+        raise StepFailed(f"invoke:{service}", f"the service answered {r.status}")
+
+
+@cli.command()
+@click.argument("service")
+@click.option("-t", "--target", help="Target (default: default_target).")
+@click.option("--regenerate", type=click.Choice(["primary", "secondary"]),
+              help="Make a new key; the next deploy of the target applies it.")
+@pass_obj
+def keys(o: Obj, service, target, regenerate):
+    """Print the auth keys of SERVICE (auth: key) on a target."""
+    from mlbuild import api
+
+    primary, secondary = api.keys(service, target=target, regenerate=regenerate, **o.where)
+    if o.json:
+        return _emit_json({"primary": primary, "secondary": secondary})
+    click.echo(f"primary:   {primary}\nsecondary: {secondary}")
+    if regenerate:
+        click.echo(f"the {regenerate} key changed: run mlbuild deploy to apply it", err=True)
+
+
+_SCRIPT_FLAGS = ("--entry-script", "--entry_script", "--no-code-model")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                               "help_option_names": ["-h", "--help"]})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@pass_obj
+def serve(o: Obj, args):
+    """Serve a service from this Python, for quick iteration.
+
+    \b
+    mlbuild serve SERVICE [--port 5001] [--host 127.0.0.1] [--reload]
+        a service of mlproject.yaml: its models registered, its entry script and source
+        used in place; --reload restarts on a change of the script, source, samples,
+        models or manifest. Auth is off.
+    \b
+    mlbuild serve --entry-script score.py [--model-dir DIR] [--port 5001]
+                  [--health-port N] [--workers N] [--cors-origins LIST] ...
+        one entry script, no manifest: a drop-in for azmlinfsrv (its spellings
+        --entry_script, --model_dir, --worker_count, --access_control_allow_origins
+        and its environment variables work too). python -m mlbuild.runtime --help
+        lists every option.
+    """
+    import os
+
+    args = list(args)
+    flags = {a.split("=", 1)[0] for a in args}
+    if flags & set(_SCRIPT_FLAGS) or (not args or args[0].startswith("-")) and (
+            os.environ.get("AZUREML_ENTRY_SCRIPT") or os.environ.get("MLBUILD_ENTRY_SCRIPT")):
+        from mlbuild.runtime.__main__ import main as runtime_main
+
+        sys.exit(runtime_main(args))
+    _serve_service(o, args)
+
+
+def _serve_service(o: Obj, args: list) -> None:
+    import argparse
+
+    from mlbuild import api
+    from mlbuild.errors import InvalidInput
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise InvalidInput(f"mlbuild serve: {message}",
+                               hint="mlbuild serve SERVICE [--port N] [--host H] [--reload], "
+                                    "or mlbuild serve --entry-script FILE")
+
+    p = _Parser(prog="mlbuild serve", add_help=False)
+    p.add_argument("service")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--reload", action="store_true")
+    ns = p.parse_args(args)
+    reporter = Reporter(o)
+
+    def prepare():
+        return api.prepare_serve(ns.service, host=ns.host, port=ns.port, on_event=reporter,
+                                 **o.where)
+
+    dev = prepare()
+    click.echo(f"serving {ns.service} on http://{ns.host}:{ns.port} (auth off"
+               f"{', reloading on changes' if ns.reload else ''}; Ctrl-C stops)", err=True)
+    if not ns.reload:
+        import os
+
+        sys.stdout.flush()
+        os.chdir(dev.cwd)
+        os.execve(dev.argv[0], dev.argv, dev.env)
+    from mlbuild.devserver import run_with_reload
+
+    run_with_reload(dev, prepare, lambda msg: click.echo(msg, err=True))
 
 
 # -- models -----------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ For a package target::
                   ├─▶ context:diabetes ──▶ package:bundle/diabetes
     model:lasso ──┘
 
+For a process target, a ``venv`` per environment and a ``process`` per service::
+
+    model:ridge ──▶ context:diabetes ──┐
+                                       ├─▶ process:dev/diabetes
+    venv:sklearn ──────────────────────┘
+
 (docker adds ``image`` → ``push`` → ``deploy`` → ``health`` after ``context``;
 conda/pip locking adds ``lock:ENV`` before it. Those kinds come with later work;
 their targets are refused plainly until then.)
@@ -24,12 +30,10 @@ from mlbuild.graph.step import StepSpec
 from mlbuild.manifest.model import Project, Target
 from mlbuild.state.digest import hash_json
 
-PLANNER_VERSION = 1
+PLANNER_VERSION = 2
 
 # What each target type needs, and which later work brings what is missing.
 NOT_YET = {
-    "process": "the process target (the serving runtime as a local process) is not "
-               "built yet (issue: serving runtime)",
     "docker": "the docker target is not built yet (issue: Docker images and the docker target)",
     "kubernetes": "the kubernetes target is not built yet",
 }
@@ -50,7 +54,7 @@ def build_graph(project: Project, target: Target):
     if target.type in NOT_YET:
         raise NotSupported(
             f"target {target.name!r}: {NOT_YET[target.type]}",
-            hint="deploy a package target (type: package) meanwhile",
+            hint="deploy a process or package target meanwhile",
         )
     g = nx.DiGraph()
 
@@ -71,6 +75,11 @@ def build_graph(project: Project, target: Target):
         if target.type == "package":
             add(StepSpec(f"package:{target.name}/{service.name}", "package",
                          {"service": service.name, "target": target.name}, [ctx_id]))
+        elif target.type == "process":
+            venv_id = f"venv:{service.environment}"
+            add(StepSpec(venv_id, "venv", {"environment": service.environment}))
+            add(StepSpec(f"process:{target.name}/{service.name}", "process",
+                         {"service": service.name, "target": target.name}, [ctx_id, venv_id]))
     assert nx.is_directed_acyclic_graph(g)
     return g
 
@@ -93,6 +102,16 @@ def plan_steps(project: Project, target: Target, db=None) -> list[StepSpec]:
     specs = [g.nodes[n]["spec"] for n in order]
     if db is not None:
         db.put_plan(key, [s.to_json() for s in specs])
+    return specs
+
+
+def service_steps(project: Project, service: str) -> list[StepSpec]:
+    """The steps that build one service's context (what ``mlbuild serve`` needs)."""
+    svc = project.services[service]
+    specs = [StepSpec(_model_step_id(ref), "model", {"model": ref.name, "version": ref.version})
+             for ref in svc.models]
+    specs.append(StepSpec(f"context:{service}", "context", {"service": service},
+                          [s.id for s in specs]))
     return specs
 
 

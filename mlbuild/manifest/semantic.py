@@ -369,11 +369,20 @@ class _Builder:
             if port is None and ttype == "process":
                 port = DEFAULT_PROCESS_PORT
             if port is not None and ttype in ("process", "docker"):
-                if port in ports:
+                # Each service of the target listens on its own port: port, port + 1, ...
+                svc_list = t.get("services")
+                n = len(svc_list) if isinstance(svc_list, list) else len(service_names)
+                used = range(port, port + max(n, 1))
+                clash = next((p for p in used if p in ports), None)
+                if clash is not None:
                     self.add(base + ("port",),
-                             f"port {port} is already used by target {ports[port]!r}")
+                             f"port {clash} is already used by target {ports[clash]!r}"
+                             + (f" (its services use {port}-{used[-1]})" if n > 1 else ""))
+                elif used[-1] > 65535:
+                    self.add(base + ("port",), f"{n} services need ports {port}-{used[-1]}, "
+                                               "past 65535")
                 else:
-                    ports[port] = name
+                    ports.update((p, name) for p in used)
             out_dir = None
             if ttype == "package":
                 written = t.get("out", f"dist/{name}")

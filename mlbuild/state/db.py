@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from mlbuild.errors import StateError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATE_DIR = ".mlbuild"
 DB_NAME = "state.db"
 
@@ -69,7 +69,27 @@ CREATE TABLE IF NOT EXISTS deployments (
     updated_at REAL NOT NULL,
     PRIMARY KEY (target, service)
 );
+CREATE TABLE IF NOT EXISTS keys (
+    target TEXT NOT NULL,
+    service TEXT NOT NULL,
+    primary_key TEXT NOT NULL,
+    secondary_key TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (target, service)
+);
 """
+
+# Format N-1 -> N: statements that bring an older database up to date.
+_MIGRATIONS = {
+    2: """CREATE TABLE IF NOT EXISTS keys (
+    target TEXT NOT NULL,
+    service TEXT NOT NULL,
+    primary_key TEXT NOT NULL,
+    secondary_key TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (target, service)
+)""",
+}
 
 
 def dumps(value: Any) -> str:
@@ -133,6 +153,12 @@ class StateDB:
                 f"(format {version}, this one reads {SCHEMA_VERSION})",
                 hint="upgrade mlbuild, or move the file aside to start afresh",
             )
+        if version < SCHEMA_VERSION:
+            with self.transaction():
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    self.conn.execute(_MIGRATIONS[v])
+                self.conn.execute("UPDATE meta SET value=? WHERE key='schema_version'",
+                                  (str(SCHEMA_VERSION),))
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -207,6 +233,35 @@ class StateDB:
             if prefix is None:
                 return c.execute("DELETE FROM steps").rowcount
             return c.execute("DELETE FROM steps WHERE id LIKE ?", (prefix + "%",)).rowcount
+
+    # -- deployments and keys -------------------------------------------------------
+
+    def get_deployment(self, target: str, service: str) -> dict | None:
+        rows = self.query("SELECT data FROM deployments WHERE target=? AND service=?",
+                          (target, service))
+        return json.loads(rows[0][0]) if rows else None
+
+    def deployments(self, target: str | None = None) -> dict[tuple[str, str], dict]:
+        rows = self.query("SELECT target, service, data FROM deployments"
+                          + (" WHERE target=?" if target else "") + " ORDER BY target, service",
+                          (target,) if target else ())
+        return {(r[0], r[1]): json.loads(r[2]) for r in rows}
+
+    def put_deployment(self, target: str, service: str, data: dict) -> None:
+        self.execute("INSERT OR REPLACE INTO deployments VALUES (?,?,?,?)",
+                     (target, service, dumps(data), time.time()))
+
+    def drop_deployment(self, target: str, service: str) -> None:
+        self.execute("DELETE FROM deployments WHERE target=? AND service=?", (target, service))
+
+    def get_keys(self, target: str, service: str) -> tuple[str, str] | None:
+        rows = self.query("SELECT primary_key, secondary_key FROM keys "
+                          "WHERE target=? AND service=?", (target, service))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def put_keys(self, target: str, service: str, primary: str, secondary: str) -> None:
+        self.execute("INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?)",
+                     (target, service, primary, secondary, time.time()))
 
     # -- small caches ---------------------------------------------------------------
 

@@ -91,7 +91,7 @@ def test_init_scaffolds_a_project_that_deploys(tmp_path: Path):
     cli("init")
     assert (proj / "mlproject.yaml").exists()
     cli("validate")
-    cli("deploy")
+    cli("deploy", "bundle")
     assert (proj / "dist/package/my-proj/Dockerfile").exists()
     r = cli("init", check=3)
     assert "already exists" in r.stderr

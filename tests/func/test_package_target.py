@@ -128,7 +128,7 @@ def test_same_fingerprints_in_two_checkouts(tmp_path, trained_models):
 
 def test_multi_model_service(multi: Path):
     cli = CLI(multi)
-    ran = cli.ran("deploy")
+    ran = cli.ran("deploy")  # multi-model's default target is its package target
     assert "model:ridge" in ran and "model:lasso" in ran
     out = multi / "dist/package"
     svc = next(p for p in out.iterdir() if p.is_dir())

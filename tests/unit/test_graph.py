@@ -136,8 +136,7 @@ def test_target_services_subset(tmp_path):
         ["model:ridge", "context:a", "package:bundle/a"]
 
 
-@pytest.mark.parametrize("target, kind", [("dev", "process"), ("local", "docker"),
-                                          ("k8s", "kubernetes")])
+@pytest.mark.parametrize("target, kind", [("local", "docker"), ("k8s", "kubernetes")])
 def test_unsupported_targets_refused_plainly(basic, target, kind):
     p = load(basic)
     with pytest.raises(NotSupported) as ei:
@@ -148,6 +147,17 @@ def test_unsupported_targets_refused_plainly(basic, target, kind):
     assert "\n" not in msg and "Traceback" not in msg
     assert "package" in ei.value.hint
     assert ei.value.exit_code == 3
+
+
+def test_process_target_plan(basic):
+    p = load(basic)
+    steps = plan_steps(p, p.target("dev"))
+    by_id = {s.id: s for s in steps}
+    proc = [s for s in steps if s.kind == "process"]
+    assert proc and all(set(s.deps) == {f"context:{s.params['service']}",
+                                        f"venv:{p.services[s.params['service']].environment}"}
+                        for s in proc)
+    assert all(by_id[d].kind in ("context", "venv") for s in proc for d in s.deps)
 
 
 def test_unsupported_target_is_not_cached(basic):
@@ -437,10 +447,11 @@ def test_input_added_and_removed(basic):
 
 def test_step_version_change(basic, monkeypatch):
     run(basic)
-    monkeypatch.setattr(ContextStep, "version", 2)
+    v = ContextStep.version
+    monkeypatch.setattr(ContextStep, "version", v + 1)
     out = run(basic)
     assert out[1].status == RAN
-    assert out[1].reasons == ["mlbuild's context step changed (v1 -> v2)"]
+    assert out[1].reasons == [f"mlbuild's context step changed (v{v} -> v{v + 1})"]
     assert out[0].status == UP_TO_DATE
 
 

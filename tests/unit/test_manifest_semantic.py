@@ -254,6 +254,23 @@ def test_ports_and_outs_must_not_collide(proj: Path):
     ]
 
 
+def test_each_service_of_a_target_takes_a_port(proj: Path):
+    two = BASE.replace("targets:\n", """  second:
+    environment: sklearn
+    entry_script: src/score.py
+    models: [ridge]
+targets:
+""")
+    assert problems(proj, two + "  local: {type: docker, port: 8891}\n") == [
+        "mlproject.yaml:19: targets.local.port: port 8891 is already used by target 'dev' "
+        "(its services use 8891-8892)"]
+    assert problems(proj, two + "  local: {type: docker, port: 8889}\n") == [
+        "mlproject.yaml:19: targets.local.port: port 8890 is already used by target 'dev' "
+        "(its services use 8889-8890)"]
+    assert problems(proj, two.replace("port: 8890", "port: 65535")) == [
+        "mlproject.yaml:18: targets.dev.port: 2 services need ports 65535-65536, past 65535"]
+
+
 def test_target_references(proj: Path):
     text = BASE.replace("{type: process, port: 8890}",
                         "{type: process, port: 8890, services: [diabetis]}")

@@ -120,6 +120,24 @@ def test_newer_schema_version_refused(tmp_path):
     assert "upgrade" in ei.value.hint
 
 
+def test_format_1_database_is_migrated(tmp_path):
+    state = tmp_path / ".mlbuild"
+    d = StateDB(state)
+    d.put_deployment("dev", "a", {"pid": 1})
+    d.close()
+    c = sqlite3.connect(str(state / "state.db"))
+    c.execute("DROP TABLE keys")
+    c.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    c.commit()
+    c.close()
+    d = StateDB(state)
+    assert d.query("SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+    assert d.get_deployment("dev", "a") == {"pid": 1}  # kept
+    d.put_keys("dev", "a", "p", "s")
+    assert d.get_keys("dev", "a") == ("p", "s")
+    d.close()
+
+
 def test_plan_cache_keeps_32(db):
     for i in range(40):
         db.put_plan(f"k{i}", [i])

@@ -9,5 +9,8 @@ from __future__ import annotations
 from mlbuild.graph.steps.context import ContextStep
 from mlbuild.graph.steps.model import ModelStep
 from mlbuild.graph.steps.package import PackageStep
+from mlbuild.graph.steps.process import ProcessStep
+from mlbuild.graph.steps.venv import VenvStep
 
-STEP_KINDS = {cls.kind: cls for cls in (ModelStep, ContextStep, PackageStep)}
+STEP_KINDS = {cls.kind: cls for cls in (ModelStep, ContextStep, PackageStep, VenvStep,
+                                        ProcessStep)}

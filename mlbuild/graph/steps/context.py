@@ -74,7 +74,7 @@ def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], 
 
 class ContextStep(Step):
     kind = "context"
-    version = 1
+    version = 2
     templates = ("Dockerfile.j2",)
 
     def _service(self, ctx):
@@ -232,8 +232,23 @@ class ContextStep(Step):
         # We know every digest we just laid out: no need to read the files again.
         for rel, digest in listing.items():
             ctx.digests.remember(target / rel, digest)
+        # The runtime's environment, as the Dockerfile sets it (paths inside the image;
+        # the process target maps them onto its own copy of the context).
+        runtime_env = {"AML_APP_ROOT": APP_ROOT, "MLBUILD_MODEL_DIR": model_dir,
+                       "AZUREML_MODEL_DIR": model_dir, "MLBUILD_AUTH": s.auth,
+                       "MLBUILD_SERVICE_NAME": s.name}
+        if entry_in_app:
+            runtime_env["MLBUILD_ENTRY_SCRIPT"] = f"{APP_ROOT}/{entry_in_app}"
+        if no_code:
+            runtime_env["MLBUILD_NO_CODE_MODEL"] = no_code["path"]
+            runtime_env["MLBUILD_NO_CODE_FRAMEWORK"] = no_code["framework"]
+        for key, path in samples.items():
+            runtime_env[f"MLBUILD_SCHEMA_{key.upper()}"] = path
+        if s.cors:
+            runtime_env["MLBUILD_CORS_ORIGINS"] = ",".join(s.cors)
         return {
             "dir": os.path.relpath(target, project.root).replace(os.sep, "/"),
+            "env": runtime_env,
             "digest": hash_json(sorted(listing.items())),
             "files": listing,
             "models": [f"{m['name']}@{m['version']}" for m in models],

@@ -42,6 +42,7 @@ ENV PYTHONPATH=/opt/mlbuild \
     AZUREML_MODEL_DIR=/var/mlbuild/models/net/1 \
     MLBUILD_ENTRY_SCRIPT=/var/mlbuild/app/score.py \
     MLBUILD_CORS_ORIGINS="https://www.example.com,http://localhost:3000" \
+    MLBUILD_SERVICE_NAME=scorer \
     MLBUILD_AUTH=none
 
 LABEL org.opencontainers.image.title="condaproj-scorer" \

@@ -38,6 +38,7 @@ ENV PYTHONPATH=/opt/mlbuild \
     MLBUILD_ENTRY_SCRIPT=/var/mlbuild/app/score.py \
     MLBUILD_SCHEMA_INPUT=/var/mlbuild/samples/input.json \
     MLBUILD_SCHEMA_OUTPUT=/var/mlbuild/samples/output.json \
+    MLBUILD_SERVICE_NAME=diabetes \
     MLBUILD_AUTH=key
 
 LABEL org.opencontainers.image.title="diabetes-diabetes" \

@@ -39,6 +39,7 @@ ENV PYTHONPATH=/opt/mlbuild \
     MLBUILD_ENTRY_SCRIPT=/var/mlbuild/app/score.py \
     MLBUILD_SCHEMA_INPUT=/var/mlbuild/samples/input.json \
     MLBUILD_SCHEMA_OUTPUT=/var/mlbuild/samples/output.json \
+    MLBUILD_SERVICE_NAME=compare \
     MLBUILD_AUTH=none
 
 LABEL org.opencontainers.image.title="multi-model-compare" \

@@ -35,6 +35,7 @@ ENV PYTHONPATH=/opt/mlbuild \
     AZUREML_MODEL_DIR=/var/mlbuild/models/clf/1 \
     MLBUILD_NO_CODE_MODEL=/var/mlbuild/models/clf/1/clf.pkl \
     MLBUILD_NO_CODE_FRAMEWORK=scikit-learn \
+    MLBUILD_SERVICE_NAME=classify \
     MLBUILD_AUTH=none
 
 LABEL org.opencontainers.image.title="iris-classify" \

@@ -35,6 +35,7 @@ ENV PYTHONPATH=/opt/mlbuild \
     MLBUILD_MODEL_DIR=/var/mlbuild/models/ridge/1 \
     AZUREML_MODEL_DIR=/var/mlbuild/models/ridge/1 \
     MLBUILD_ENTRY_SCRIPT=/var/mlbuild/app/score.py \
+    MLBUILD_SERVICE_NAME=api \
     MLBUILD_AUTH=key
 
 LABEL org.opencontainers.image.title="pkgs-api" \
