@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,11 +38,22 @@ def test_readme_main_command_on_a_fresh_copy(tmp_path):
             shutil.copy2(src, dest / f)
     cmd = readme_command("main-command")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
-    r = subprocess.run(cmd, shell=True, cwd=dest, capture_output=True, text=True, env=env,
-                       timeout=900)
-    assert r.returncode == 0, f"{cmd}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
-    assert (dest / "dist/package/diabetes/Dockerfile").is_file()
-    # and the same command again is a no-op
-    r = subprocess.run(".venv/bin/mlbuild deploy", shell=True, cwd=dest, capture_output=True,
-                       text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
+    try:
+        r = subprocess.run(cmd, shell=True, cwd=dest, capture_output=True, text=True, env=env,
+                           timeout=900)
+        assert r.returncode == 0, \
+            f"{cmd}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
+        # The service answered the README's invoke with two predictions.
+        preds = json.loads(r.stdout.strip().splitlines()[-1])
+        assert len(preds) == 2 and all(isinstance(p, float) for p in preds), r.stdout
+        # and the same deploy again is a no-op; the service is Healthy
+        r = subprocess.run(".venv/bin/mlbuild deploy", shell=True, cwd=dest, capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
+        r = subprocess.run(".venv/bin/mlbuild status", shell=True, cwd=dest,
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert "Healthy" in r.stdout, r.stdout + r.stderr
+    finally:
+        if (dest / ".venv/bin/mlbuild").exists():
+            subprocess.run(".venv/bin/mlbuild down", shell=True, cwd=dest, env=env, timeout=120,
+                           capture_output=True)

@@ -37,7 +37,21 @@ def test_wheel_installs_and_deploys(tmp_path):
 
     run("init")
     run("validate")
-    run("deploy")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    m = proj / "mlproject.yaml"
+    m.write_text(m.read_text().replace("port: 8890", f"port: {port}"))
+    try:
+        run("deploy")  # the default target: the runtime from the wheel, as a process
+        out = run("invoke", "proj", "--data", "@samples/input.json").stdout
+        assert out.strip() and "error" not in out.lower(), out
+    finally:
+        subprocess.run([str(venv / "bin/mlbuild"), "down"], cwd=proj, capture_output=True,
+                       timeout=120)
+    run("deploy", "bundle")
     pkg = proj / "dist/package/proj"
     assert (pkg / "Dockerfile").is_file()
     assert (pkg / "runtime/mlbuild/runtime/server.py").is_file()

@@ -189,7 +189,12 @@ class ContextStep(Step):
             no_code = None
             if s.no_code:
                 m = models[0]
-                no_code = {"path": f"{MODEL_ROOT}/{m['name']}/{m['version']}/{m['files'][0]}",
+                # The model's own top entry (its file, or its folder, in which the runtime
+                # picks the one model file), never files[0]: for a folder model that is
+                # whatever sorts first (a README, external ONNX weights, ...).
+                top = sorted({f.split("/", 1)[0] for f in m["files"]})
+                path = f"{MODEL_ROOT}/{m['name']}/{m['version']}"
+                no_code = {"path": f"{path}/{top[0]}" if len(top) == 1 else path,
                            "framework": project.models[m["name"]].framework}
 
             if env.base_image:

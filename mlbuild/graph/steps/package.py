@@ -82,6 +82,7 @@ class PackageStep(Step):
             auth=service.auth,
             models=context.get("models", []),
             has_sample="samples/input.json" in context["files"],
+            has_app=any(rel.startswith("app/") for rel in context["files"]),
             mlbuild_version=mlbuild.__version__,
         ).encode()
 
