@@ -1,63 +1,104 @@
 """``python -m mlbuild.runtime``: serve one entry script (or no-code model).
 
-Accepts the Azure ML inference server's spellings (``--entry_script``, ``--model_dir``,
-``--worker_count``, ``--access_control_allow_origins``) beside mlbuild's.
+A drop-in for Azure's ``azmlinfsrv``: accepts its spellings (``--entry_script``,
+``--model_dir``, ``--health_port``, ``--worker_count``, ``--access_control_allow_origins``)
+beside mlbuild's, and its environment variables (``AZUREML_ENTRY_SCRIPT``,
+``AZUREML_MODEL_DIR``, ``AML_APP_ROOT``, ``WORKER_COUNT``, ``SEPERATE_HEALTH_ENDPOINT``,
+``SCORING_TIMEOUT_MS``, ``SERVICE_NAME``). Options given on the command line win over
+the environment. ``mlbuild serve`` forwards to :func:`main` with the same arguments.
+
+Exit codes: 0 stopped (SIGTERM/SIGINT: in-flight requests finished), 1 a port cannot be
+listened on, 2 bad options or configuration, 3 loading the entry script or its init()
+failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+from dataclasses import replace
 
-from mlbuild.runtime.config import DEFAULT_PORT, DISPATCH_MODES, RuntimeConfig
+from mlbuild.runtime.config import DISPATCH_MODES, RuntimeConfig, ServerOptions
 
-
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value:
-            return int(value)
-    return default
+EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlbuild.runtime",
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0..65535)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
+def build_parser(prog: str = "python -m mlbuild.runtime") -> argparse.ArgumentParser:
+    """The runtime's argument parser; every default is None so the environment fills in."""
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Serve an entry script's init()/run() over HTTP.")
     p.add_argument("--entry-script", "--entry_script", dest="entry_script",
-                   help="script defining init() and run() [MLBUILD_ENTRY_SCRIPT]")
+                   help="script defining init() and run(); relative paths are looked up in "
+                        "AML_APP_ROOT, then the current folder "
+                        "[MLBUILD_ENTRY_SCRIPT, AZUREML_ENTRY_SCRIPT]")
     p.add_argument("--model-dir", "--model_dir", dest="model_dir",
                    help="model folder, given to the script as MLBUILD_MODEL_DIR and "
                         "AZUREML_MODEL_DIR exactly as written")
-    p.add_argument("--host", default=os.environ.get("MLBUILD_HOST", "0.0.0.0"))
-    p.add_argument("--port", type=int,
-                   default=_env_int("MLBUILD_PORT", "AZUREML_SERVER_PORT", default=DEFAULT_PORT))
-    p.add_argument("--workers", "--worker_count", dest="workers", type=int,
-                   default=_env_int("MLBUILD_WORKERS", "WORKER_COUNT", default=1))
+    p.add_argument("--host", help="address to listen on [MLBUILD_HOST, default 0.0.0.0]")
+    p.add_argument("--port", type=_port,
+                   help="scoring port [MLBUILD_PORT, AZUREML_SERVER_PORT, default 5001]")
+    p.add_argument("--health-port", "--health_port", dest="health_port", type=_port,
+                   help="also serve GET /, /healthz/live and /healthz/ready on this port "
+                        "[MLBUILD_HEALTH_PORT; SEPERATE_HEALTH_ENDPOINT=true: HEALTH_PORT, "
+                        "default 5000]")
+    p.add_argument("--workers", "--worker_count", dest="workers", type=_positive_int,
+                   help="worker processes [MLBUILD_WORKERS, WORKER_COUNT, default 1]")
     p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int,
                    help="larger bodies get 413 [MLBUILD_MAX_BODY_BYTES, default 10 MB]")
     p.add_argument("--cors-origins", "--access_control_allow_origins", dest="cors_origins",
-                   help="comma-separated allowed origins [MLBUILD_CORS_ORIGINS]")
+                   help="comma-separated allowed origins [MLBUILD_CORS_ORIGINS, "
+                        "AML_CORS_ORIGINS]")
     p.add_argument("--no-code-model", dest="no_code_model",
                    help="serve this model file without a script [MLBUILD_NO_CODE_MODEL]")
     p.add_argument("--no-code-framework", dest="no_code_framework")
     p.add_argument("--dispatch", choices=DISPATCH_MODES,
                    help="where a sync run() executes [MLBUILD_RUN_DISPATCH, default inline]")
-    p.add_argument("--log-level", default=os.environ.get("MLBUILD_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--request-timeout", dest="request_timeout", type=float,
+                   help="seconds a request may wait for run(); then 500 'Scoring timeout' "
+                        "[MLBUILD_REQUEST_TIMEOUT, SCORING_TIMEOUT_MS (ms), default none]")
+    p.add_argument("--reuse-port", dest="reuse_port", action="store_true", default=None,
+                   help="replace a running release without downtime: SO_REUSEPORT, and "
+                        "listen only once init() returned [MLBUILD_REUSE_PORT=1]")
+    p.add_argument("--ready-file", dest="ready_file",
+                   help="write {pid, port, health_port} as JSON here once ready "
+                        "[MLBUILD_READY_FILE]")
+    p.add_argument("--graceful-timeout", dest="graceful_timeout", type=float,
+                   help="seconds in-flight requests get after SIGTERM "
+                        "[MLBUILD_GRACEFUL_TIMEOUT, default 30]")
+    p.add_argument("--log-level", dest="log_level",
+                   choices=["debug", "info", "warning", "error"],
+                   help="[MLBUILD_LOG_LEVEL, default info]")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), serve, and return the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = RuntimeConfig.from_env()
+        options = ServerOptions.from_env()
     except ValueError as exc:
         print(f"mlbuild runtime: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    options = options.with_overrides(
+        host=args.host, port=args.port, health_port=args.health_port, workers=args.workers,
+        reuse_port=args.reuse_port, ready_file=args.ready_file,
+        graceful_timeout=args.graceful_timeout, log_level=args.log_level)
     cors = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()) \
         if args.cors_origins is not None else None
     config = config.with_overrides(entry_script=args.entry_script, model_dir=args.model_dir,
@@ -65,18 +106,24 @@ def main(argv: list[str] | None = None) -> int:
                                    no_code_model=args.no_code_model,
                                    no_code_framework=args.no_code_framework,
                                    dispatch=args.dispatch)
+    if args.request_timeout is not None:  # 0 switches a timeout from the environment off
+        config = replace(config, request_timeout=args.request_timeout
+                         if args.request_timeout > 0 else None)
+    if options.health_port == options.port:  # health is on the main port anyway
+        options = replace(options, health_port=None)
+    problems = options.problems()
     if not config.entry_script and not config.no_code_model:
-        print("mlbuild runtime: nothing to serve: give --entry-script (or MLBUILD_ENTRY_SCRIPT)"
-              " or --no-code-model", file=sys.stderr)
-        return 2
+        problems.append("nothing to serve: give --entry-script (or MLBUILD_ENTRY_SCRIPT, "
+                        "AZUREML_ENTRY_SCRIPT) or --no-code-model")
+    if problems:
+        for problem in problems:
+            print(f"mlbuild runtime: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mlbuild.runtime.server import run_server  # uvicorn only now that there is work
 
-    logging.getLogger("mlbuild.runtime").info(
-        "serving %s on http://%s:%d (workers=%d, dispatch=%s, auth=%s)",
-        config.entry_script or config.no_code_model, args.host, args.port, args.workers,
-        config.dispatch, "key" if config.auth_keys else "none")
-    return run_server(config, host=args.host, port=args.port, workers=args.workers,
-                      log_level=args.log_level)
+    return run_server(config, options)
 
 
 if __name__ == "__main__":

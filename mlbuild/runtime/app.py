@@ -6,22 +6,43 @@ Routes::
     GET  /healthz/live     200 always
     GET  /healthz/ready    200 once init() returned, 503 before
     POST /score            run(); errors as {"status_code": N, "message": "..."}
-    GET  /swagger.json     Swagger 2.0; ?version=3 for OpenAPI 3
+    GET  /swagger.json     Swagger 2.0; ?version=3 (or 3.0) OpenAPI 3.0, ?version=3.1 3.1
     GET  /metrics          Prometheus text
     OPTIONS *              CORS preflight
 
 Order of checks on /score: method (405) -> key (401) -> ready (503) -> size (413) ->
-media type (415) -> JSON (400) -> run() (500 when it raises).
+media type (415) -> JSON (400) -> run() (500 when it raises or times out).
+
+Headers, as azmlinfsrv sets them: every response carries ``x-request-id`` (the client's,
+else a new uuid4; longer than 100 characters is a 431) and ``x-ms-request-id`` (the
+client's ``x-ms-request-id``, else its ``x-ms-client-request-id``, else the request id);
+``x-ms-client-request-id`` is echoed when sent. ``x-ms-run-function-failed: True`` marks
+a /score answer whose run() raised or timed out, or returned a 5xx AMLResponse. (NOTE:
+azmlinfsrv also sends ``x-ms-run-function-failed: False`` and ``x-ms-run-fn-exec-ms`` on
+every /score answer; each response header costs uvicorn ~1 us, so they are left out.)
 
 NOTE on dispatching a sync run() -- "inline" (the default) calls it in the event-loop
-thread; "thread" hands it to a one-thread pool (one thread so that scripts, written for
-the Azure server's single sync worker, never see two concurrent calls). Measured with
+thread; "thread" hands it to the run thread (one thread, so that scripts written for the
+Azure server's single sync worker never see two concurrent calls). Measured with
 `wrk -t2 -c16 -d6s --latency` on 127.0.0.1, a Ridge on sklearn's diabetes data, 2 rows
 per request, one worker, 2 cores, access log on, three interleaved rounds (median req/s):
 bare ASGI app on uvicorn 4831, inline 4788 (0.99x), thread pool 4035 (0.84x) -- the pool
 costs two thread hand-offs and GIL ping-pong per request. Inline blocks other requests
 (health checks too) while run() works, exactly like the Azure sync worker; services with
 long runs set MLBUILD_RUN_DISPATCH=thread (or write `async def run`).
+
+NOTE on the request timeout (MLBUILD_REQUEST_TIMEOUT seconds, else azmlinfsrv's
+SCORING_TIMEOUT_MS; none by default, as the hot path stays inline then). An inline run()
+holds the event loop, so nothing could answer at the deadline: with a timeout set, a sync
+run() always goes to the run thread. At the deadline the request is answered like
+azmlinfsrv does -- 500, ``{"status_code": 500, "message": "Scoring timeout after N
+ms"}``, ``x-ms-run-function-failed: True`` -- and the run thread is asked to abandon the
+call: a ``TimeoutError`` is raised inside run() at its next Python bytecode (what
+azmlinfsrv's SIGALRM does; code inside one long C call, a numpy op or ``time.sleep``,
+finishes that call first). A call still queued behind a busy run thread is dropped, never
+started: the deadline counts from arrival, queueing included. An ``async def run`` is
+cancelled at the deadline. A generator's items are not bounded, only producing the
+generator is.
 """
 
 from __future__ import annotations
@@ -33,12 +54,13 @@ import inspect
 import json
 import logging
 import os
+import queue
+import random
 import sys
 import threading
 import time
 import traceback
-import uuid
-from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs
 
 from mlbuild.runtime import jsonenc, nocode, openapi, scoring
 from mlbuild.runtime.compat import AMLRequest
@@ -56,6 +78,9 @@ NOT_JSON_PREFIXES = (b"multipart/", b"image/", b"audio/", b"video/",
                      b"application/octet-stream")
 CORS_METHODS = b"GET, POST, OPTIONS"
 CORS_DEFAULT_HEADERS = b"Authorization, Content-Type, X-Request-Id"
+REQUEST_ID_LIMIT = 100  # characters, as azmlinfsrv: longer request ids get 431
+RUN_FAILED = (b"x-ms-run-function-failed", b"True")
+SWAGGER_VERSIONS = {"2": "2", "2.0": "2", "3": "3", "3.0": "3", "3.1": "3.1"}
 
 
 class AccessLog:
@@ -105,16 +130,206 @@ class AccessLog:
                 pass
 
 
+# NOTE: uuid.uuid4() costs ~4 us, a tenth of a small request; the same format from a
+# private PRNG costs ~1 us. Request ids need uniqueness, not secrecy; the generator is
+# private so that a script's random.seed() cannot make ids repeat, and reseeded in forks.
+_rng = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_rng.seed)
+_UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48) & ((1 << 128) - 1)
+_UUID4_SET = 0x4000 << 64 | 0x8000 << 48  # version 4, RFC 4122 variant
+
+
+def new_request_id() -> bytes:
+    """A random (version 4) UUID in its canonical text form."""
+    h = "%032x" % (_rng.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+
+
 def _error(status: int, message: str) -> bytes:
     return json.dumps({"status_code": status, "message": message}).encode()
 
 
-def _default_on_fatal(app: "ScoringApp") -> None:
+NOT_READY = _error(503, "the service is starting: init() has not returned yet")
+
+
+def health_response(path: str, ready: bool):
+    """``(status, body, content type)`` of a health route, or None for another path.
+
+    Shared by the main app and the separate health listener (server.py).
+    """
+    if path == "/":
+        return 200, b"Healthy", TEXT
+    if path == "/healthz/live":
+        return 200, b"Live", TEXT
+    if path == "/healthz/ready":
+        return (200, b"Ready", TEXT) if ready else (503, NOT_READY, JSON)
+    return None
+
+
+def _default_on_fatal(app: ScoringApp) -> None:
     # NOTE: init() failed in the loader thread; there is nothing to serve. Exit the whole
     # process now (uvicorn would otherwise keep answering 503 forever).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(3)
+
+
+# -- the run thread ----------------------------------------------------------------------
+class RunTimedOut(Exception):
+    """A request's run() did not finish within the request timeout."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"Scoring timeout after {round(seconds * 1000)} ms")
+
+
+class ScoringTimeout(TimeoutError):
+    """Raised inside a sync run() that passed its deadline (it sees a ``TimeoutError``)."""
+
+
+_QUEUED, _RUNNING, _ABANDONED, _DONE = range(4)
+
+
+class _Job:
+    __slots__ = ("fn", "future", "loop", "state")
+
+    def __init__(self, fn, loop, future):
+        self.fn = fn
+        self.loop = loop
+        self.future = future
+        self.state = _QUEUED
+
+
+def _deliver(future, ok: bool, value) -> None:
+    if not future.done():  # a timed-out request has its answer already
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _set_async_exc(ident: int, exc) -> bool:
+    """Raise ``exc`` (None: clear a pending one) in thread ``ident`` at its next bytecode."""
+    try:
+        import ctypes
+    except ImportError:  # pragma: no cover - CPython builds have ctypes
+        return False
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(exc) if exc is not None else None)
+    return done == 1
+
+
+class RunThread:
+    """One thread that runs sync calls one at a time, in arrival order.
+
+    ``await call(fn, timeout)`` returns ``fn()``'s value or raises its exception; past
+    ``timeout`` seconds it raises :class:`RunTimedOut` and abandons the call (dropped when
+    still queued, interrupted with :class:`ScoringTimeout` when running: see the module
+    docstring).
+    """
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._ident = 0
+
+    def _ensure_started(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    thread = threading.Thread(target=self._work, name="mlbuild-run",
+                                              daemon=True)
+                    thread.start()
+                    self._thread = thread
+
+    async def call(self, fn, timeout: float | None = None):
+        if self._thread is None:
+            self._ensure_started()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        job = _Job(fn, loop, future)
+        self._queue.put(job)
+        if timeout is None:
+            return await future
+        handle = loop.call_later(timeout, self._expire, job, timeout)
+        try:
+            return await future
+        finally:
+            handle.cancel()
+
+    def _expire(self, job: _Job, timeout: float) -> None:
+        if job.future.done():
+            return
+        job.future.set_exception(RunTimedOut(timeout))
+        with self._lock:
+            state = job.state
+            job.state = _ABANDONED
+            if state == _RUNNING:
+                _set_async_exc(self._ident, ScoringTimeout)
+
+    def stop(self) -> None:
+        """Let the thread end after the calls already queued (it is a daemon anyway)."""
+        if self._thread is not None:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        self._ident = threading.get_ident()
+        while True:
+            try:
+                if self._run_one():
+                    return
+            except ScoringTimeout:
+                pass  # arrived just after the abandoned call returned; nothing to undo
+
+    def _run_one(self) -> bool:
+        job = self._queue.get()
+        if job is None:
+            return True
+        with self._lock:
+            if job.state == _ABANDONED:
+                return False
+            job.state = _RUNNING
+        try:
+            value, ok = job.fn(), True
+        except Exception as exc:  # noqa: BLE001 - handed to the request
+            value, ok = exc, False
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in run() is a 500 too
+            value, ok = RuntimeError(f"run() raised {type(exc).__name__}: {exc}"), False
+        with self._lock:
+            abandoned = job.state == _ABANDONED
+            job.state = _DONE
+            if abandoned:
+                _set_async_exc(self._ident, None)  # an exception not yet raised: drop it
+        if not abandoned:
+            try:
+                job.loop.call_soon_threadsafe(_deliver, job.future, ok, value)
+            except RuntimeError:  # the loop is closed: the server stopped
+                pass
+        return False
+
+
+async def _with_deadline(coro, timeout: float):
+    """Await ``coro``; past ``timeout`` seconds cancel it and raise :class:`RunTimedOut`."""
+    task = asyncio.ensure_future(coro)
+    expired = []
+
+    def expire():
+        expired.append(True)
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if expired:
+            raise RunTimedOut(timeout) from None
+        raise
+    finally:
+        handle.cancel()
+
+
+_END = object()
 
 
 class ScoringApp:
@@ -123,7 +338,7 @@ class ScoringApp:
     so the port answers -- 503 on /score -- while a slow init() works.
     """
 
-    def __init__(self, config: RuntimeConfig, loader=None, on_fatal=None):
+    def __init__(self, config: RuntimeConfig, loader=None, on_fatal=None, on_ready=None):
         self.config = config
         self.scorer: scoring.Scorer | None = None
         self.ready = False
@@ -131,12 +346,14 @@ class ScoringApp:
         self.metrics = Metrics()
         self._loader = loader or functools.partial(scoring.load, config)
         self._on_fatal = on_fatal or _default_on_fatal
+        self._on_ready = on_ready
         self._keys = tuple(k.encode() for k in config.auth_keys)
         self._cors = frozenset(o.encode() for o in config.cors_origins)
         self._cors_any = b"*" in self._cors
         self._max_body = config.max_body_bytes
-        self._executor = (ThreadPoolExecutor(1, thread_name_prefix="run")
-                          if config.dispatch == "thread" else None)
+        self._timeout = config.request_timeout
+        self._runner = (RunThread() if config.dispatch == "thread" or self._timeout
+                        else None)
         self._start_lock = threading.Lock()
         self._loader_thread: threading.Thread | None = None
         self._docs: dict[str, bytes] = {}
@@ -152,6 +369,12 @@ class ScoringApp:
                                                        name="mlbuild-init", daemon=True)
                 self._loader_thread.start()
 
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait for :meth:`start`'s loading and init(); True once it ended (either way)."""
+        self.start()
+        self._loader_thread.join(timeout)
+        return not self._loader_thread.is_alive()
+
     def _load_and_init(self) -> None:
         started = time.perf_counter()
         try:
@@ -166,6 +389,8 @@ class ScoringApp:
         self.scorer = scorer
         self.ready = True
         log.info("ready: init() took %.2f s", time.perf_counter() - started)
+        if self._on_ready is not None:
+            self._on_ready(self)
 
     # -- ASGI ------------------------------------------------------------------------
     async def __call__(self, scope, receive, send):
@@ -182,8 +407,8 @@ class ScoringApp:
                 self.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._executor is not None:
-                    self._executor.shutdown(wait=False)
+                if self._runner is not None:
+                    self._runner.stop()
                 if self._access is not None:
                     self._access.flush()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -195,7 +420,7 @@ class ScoringApp:
             self.start()
         method = scope["method"]
         path = scope["path"]
-        rid = auth = origin = ctype = clen = req_headers = None
+        rid = auth = origin = ctype = clen = req_headers = ms_rid = client_rid = None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 ctype = value
@@ -207,11 +432,30 @@ class ScoringApp:
                 rid = value
             elif name == b"origin":
                 origin = value
+            elif name == b"x-ms-request-id":
+                ms_rid = value
+            elif name == b"x-ms-client-request-id":
+                client_rid = value
             elif name == b"access-control-request-headers":
                 req_headers = value
+        too_long = None
         if rid is None:
-            rid = uuid.uuid4().hex.encode()
+            rid = new_request_id()
+        elif len(rid) > REQUEST_ID_LIMIT:
+            too_long, rid = "x-request-id", new_request_id()
         headers = [(b"x-request-id", rid)]
+        if ms_rid is None and client_rid is None:
+            headers.append((b"x-ms-request-id", rid))
+        else:  # azmlinfsrv's rules for the legacy and the client request id
+            if ms_rid is None:
+                ms_rid = client_rid
+            elif client_rid is None:
+                client_rid = ms_rid
+            if len(ms_rid) > REQUEST_ID_LIMIT or len(client_rid) > REQUEST_ID_LIMIT:
+                too_long = too_long or "x-ms-request-id and x-ms-client-request-id"
+            else:
+                headers.append((b"x-ms-request-id", ms_rid))
+                headers.append((b"x-ms-client-request-id", client_rid))
         cors_ok = False
         if origin is not None and self._cors:
             cors_ok = self._cors_any or origin in self._cors
@@ -222,6 +466,11 @@ class ScoringApp:
 
         status = 200
         try:
+            if too_long is not None:
+                status = 431
+                await _respond(send, 431, _error(431, f"{too_long} must not exceed "
+                                                 f"{REQUEST_ID_LIMIT} characters"), JSON, headers)
+                return
             if path == "/score":
                 if method == "POST":
                     status = await self._score(scope, receive, send, headers, auth, ctype, clen)
@@ -252,16 +501,15 @@ class ScoringApp:
                 self._access.line(method, path, status, elapsed * 1000.0, rid)
 
     def _get(self, path: str, query: bytes):
-        if path == "/":
-            return 200, b"Healthy", TEXT
-        if path == "/healthz/live":
-            return 200, b"Live", TEXT
-        if path == "/healthz/ready":
-            if self.ready:
-                return 200, b"Ready", TEXT
-            return 503, _error(503, "the service is starting: init() has not returned yet"), JSON
+        health = health_response(path, self.ready)
+        if health is not None:
+            return health
         if path == "/swagger.json":
-            version = "3" if b"version=3" in query else "2"
+            asked = parse_qs(query.decode("latin-1")).get("version", ["2"])[0]
+            version = SWAGGER_VERSIONS.get(asked)
+            if version is None:
+                return 404, _error(404, f"Swagger version [{asked}] is not valid. Supported "
+                                        f"versions: [2, 3, 3.1]."), JSON
             return 200, self._document(version), JSON
         if path == "/metrics":
             return 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
@@ -280,20 +528,46 @@ class ScoringApp:
         await _respond(send, 204, b"", None, headers)
         return 204
 
+    def _user_document(self, version: str) -> bytes | None:
+        """The script's own swagger file, as azmlinfsrv serves it: ``swagger.json`` or
+        ``swagger2.json`` (version 2), ``swagger3.json``, ``swagger3.1.json``, looked up in
+        AML_APP_ROOT, else beside the entry script."""
+        cfg = self.config
+        folder = cfg.app_root or (os.path.dirname(os.path.abspath(cfg.entry_script))
+                                  if cfg.entry_script else None)
+        if not folder:
+            return None
+        names = ("swagger.json", "swagger2.json") if version == "2" else (f"swagger{version}.json",)
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    return json.dumps(json.load(fh), indent=2).encode()
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring %s (generating the document instead): %s", path, exc)
+        return None
+
     def _document(self, version: str) -> bytes:
         cached = self._docs.get(version)
         if cached is not None:
             return cached
-        scorer = self.scorer
-        cfg = self.config
-        in_schema = (scorer.input_schema if scorer else None) or openapi.load_sample_schema(cfg.schema_input)
-        out_schema = (scorer.output_schema if scorer else None) or openapi.load_sample_schema(cfg.schema_output)
-        title = cfg.service_name or (scorer.name if scorer else "ML service")
-        doc = openapi.swagger2(title, in_schema, out_schema, auth=bool(self._keys))
-        if version == "3":
-            doc = openapi.openapi3(doc)
-        body = json.dumps(doc, indent=2).encode()
-        if scorer is not None:  # before loading, the decorators are not known yet
+        body = self._user_document(version)
+        if body is None:
+            scorer = self.scorer
+            cfg = self.config
+            in_schema = (scorer.input_schema if scorer else None) \
+                or openapi.load_sample_schema(cfg.schema_input)
+            out_schema = (scorer.output_schema if scorer else None) \
+                or openapi.load_sample_schema(cfg.schema_output)
+            title = cfg.service_name or (scorer.name if scorer else "ML service")
+            doc = openapi.swagger2(title, in_schema, out_schema, auth=bool(self._keys),
+                                   version=cfg.service_version)
+            if version != "2":
+                doc = openapi.openapi3(doc, "3.1.0" if version == "3.1" else "3.0.3")
+            body = json.dumps(doc, indent=2).encode()
+        if self.scorer is not None:  # before loading, the decorators are not known yet
             self._docs[version] = body
         return body
 
@@ -316,8 +590,7 @@ class ScoringApp:
         scorer = self.scorer
         if scorer is None:
             headers.append((b"retry-after", b"1"))
-            await _respond(send, 503, _error(503, "the service is starting: init() has not"
-                                             " returned yet"), JSON, headers)
+            await _respond(send, 503, NOT_READY, JSON, headers)
             return 503
         if clen is not None and clen.isdigit() and int(clen) > self._max_body:
             return await self._too_large(send, headers)
@@ -357,21 +630,30 @@ class ScoringApp:
 
         try:
             if scorer.is_async:
-                result = await scorer.run(*args, **kwargs)
-            elif self._executor is not None:
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, functools.partial(scorer.run, *args, **kwargs))
+                if self._timeout:
+                    result = await _with_deadline(scorer.run(*args, **kwargs), self._timeout)
+                else:
+                    result = await scorer.run(*args, **kwargs)
+            elif self._runner is not None:
+                result = await self._runner.call(functools.partial(scorer.run, *args, **kwargs),
+                                                 self._timeout)
             else:
                 result = scorer.run(*args, **kwargs)
             return await self._send_result(send, result, headers)
         except nocode.BadInput as exc:
             await _respond(send, 400, _error(400, str(exc)), JSON, headers)
             return 400
+        except RunTimedOut as exc:
+            log.error("run() timed out (x-request-id %s): %s",
+                      headers[0][1].decode("latin-1"), exc)
+            headers.append(RUN_FAILED)
+            await _respond(send, 500, _error(500, str(exc)), JSON, headers)
+            return 500
         except Exception as exc:  # noqa: BLE001 - any error of the script is a 500
             log.error("run() failed (x-request-id %s):\n%s",
-                      dict(headers)[b"x-request-id"].decode("latin-1"), traceback.format_exc())
+                      headers[0][1].decode("latin-1"), traceback.format_exc())
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            headers.append((b"x-ms-run-function-failed", b"True"))
+            headers.append(RUN_FAILED)
             await _respond(send, 500, _error(500, message), JSON, headers)
             return 500
 
@@ -384,17 +666,21 @@ class ScoringApp:
         if hasattr(result, "status_code") and hasattr(result, "get_data"):  # AMLResponse
             status = int(result.status_code)
             ctype = None
+            failed = status >= 500 or bool(getattr(result, "run_function_failed", False))
             for name, value in result.headers.items():
-                if name.lower() == "content-length":
-                    continue
-                if name.lower() == "content-type":
+                lower = name.lower()
+                if lower in ("content-length", "x-ms-run-function-failed"):
+                    continue  # ours, below (azureml's real AMLResponse always sets it)
+                if lower == "content-type":
                     ctype = str(value).encode("latin-1")
                     continue
                 headers.append((name.encode("latin-1"), str(value).encode("latin-1")))
+            if failed:
+                headers.append(RUN_FAILED)
             await _respond(send, status, result.get_data(), ctype, headers)
             return status
         if inspect.isgenerator(result) or inspect.isasyncgen(result):
-            await _stream(send, result, headers)
+            await _stream(send, result, headers, self._runner)
             return 200
         if isinstance(result, (bytes, bytearray, memoryview)):
             await _respond(send, 200, bytes(result), b"application/octet-stream", headers)
@@ -442,13 +728,24 @@ def _chunk(item) -> bytes:
     return jsonenc.dumps(item) + b"\n"
 
 
-async def _stream(send, result, headers) -> None:
-    """Send each item of a generator returned by run() as its own chunk."""
+async def _stream(send, result, headers, runner: RunThread | None = None) -> None:
+    """Send each item of a generator returned by run() as its own chunk.
+
+    A sync generator is advanced where run() ran: in the run thread when there is one, so
+    a slow item does not hold the event loop.
+    """
     headers.append((b"content-type", b"text/plain; charset=utf-8"))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     try:
         if inspect.isasyncgen(result):
             async for item in result:
+                await send({"type": "http.response.body", "body": _chunk(item), "more_body": True})
+        elif runner is not None:
+            step = functools.partial(next, result, _END)
+            while True:
+                item = await runner.call(step)
+                if item is _END:
+                    break
                 await send({"type": "http.response.body", "body": _chunk(item), "more_body": True})
         else:
             for item in result:
@@ -458,14 +755,17 @@ async def _stream(send, result, headers) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def create_app(config: RuntimeConfig | None = None, *, loader=None, on_fatal=None) -> ScoringApp:
+def create_app(config: RuntimeConfig | None = None, *, loader=None, on_fatal=None,
+               on_ready=None) -> ScoringApp:
     """The ASGI app for ``config`` (default: from the environment).
 
     Args:
         config: What to serve and how.
         loader: Returns the :class:`~mlbuild.runtime.scoring.Scorer`; default loads
             ``config``'s entry script or no-code model.
-        on_fatal: Called with the app when loading or init() fails; default exits the
-            process with code 3.
+        on_fatal: Called with the app (in the loader thread) when loading or init()
+            fails; default exits the process with code 3.
+        on_ready: Called with the app (in the loader thread) once init() returned.
     """
-    return ScoringApp(config or RuntimeConfig.from_env(), loader=loader, on_fatal=on_fatal)
+    return ScoringApp(config or RuntimeConfig.from_env(), loader=loader, on_fatal=on_fatal,
+                      on_ready=on_ready)

@@ -1,4 +1,8 @@
-"""Runtime configuration: one frozen object, read from the environment and the CLI."""
+"""Runtime configuration: two frozen objects, read from the environment and the CLI.
+
+:class:`RuntimeConfig` says what the app serves and how it answers; :class:`ServerOptions`
+says where and how the process listens (ports, workers, replacement support).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import os
 from dataclasses import dataclass, field, replace
 
 DEFAULT_PORT = 5001
+DEFAULT_HEALTH_PORT = 5000  # azmlinfsrv's, with SEPERATE_HEALTH_ENDPOINT=true
+DEFAULT_GRACEFUL_TIMEOUT = 30.0  # seconds; Kubernetes' default grace period
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DISPATCH_MODES = ("inline", "thread")
 
@@ -18,6 +24,25 @@ def _bool(value: str | None, default: bool) -> bool:
     if value is None or value == "":
         return default
     return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _number(env, name: str, kind=float):
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected a number") from None
+
+
+def _timeout(env) -> float | None:
+    """MLBUILD_REQUEST_TIMEOUT (seconds), else azmlinfsrv's SCORING_TIMEOUT_MS; 0 = none."""
+    seconds = _number(env, "MLBUILD_REQUEST_TIMEOUT")
+    if seconds is None:
+        ms = _number(env, "SCORING_TIMEOUT_MS")
+        seconds = None if ms is None else ms / 1000.0
+    return seconds if seconds and seconds > 0 else None
 
 
 @dataclass(frozen=True)
@@ -36,8 +61,11 @@ class RuntimeConfig:
         cors_origins: Allowed browser origins (``*`` allows any).
         schema_input / schema_output: JSON sample files for ``/swagger.json``.
         service_name: Title of the OpenAPI document.
+        service_version: ``info.version`` of the OpenAPI document.
         dispatch: ``inline`` calls a sync ``run`` in the event-loop thread,
-            ``thread`` in a one-thread pool (see app.py for the measured trade-off).
+            ``thread`` in the run thread (see app.py for the measured trade-off).
+        request_timeout: Seconds a request may wait for run(); None for no limit. A
+            timeout implies ``thread`` dispatch for a sync run() (see app.py).
         access_log: One line per request on stderr.
     """
 
@@ -52,12 +80,14 @@ class RuntimeConfig:
     schema_input: str | None = None
     schema_output: str | None = None
     service_name: str | None = None
+    service_version: str = "1.0"
     dispatch: str = "inline"
+    request_timeout: float | None = None
     access_log: bool = True
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_env(cls, environ: os._Environ | dict | None = None) -> "RuntimeConfig":
+    def from_env(cls, environ: os._Environ | dict | None = None) -> RuntimeConfig:
         """Read ``MLBUILD_*`` variables, with the Azure ML spellings as fallbacks.
 
         Raises:
@@ -88,12 +118,14 @@ class RuntimeConfig:
                                 or env.get("AML_CORS_ORIGINS")),
             schema_input=env.get("MLBUILD_SCHEMA_INPUT") or None,
             schema_output=env.get("MLBUILD_SCHEMA_OUTPUT") or None,
-            service_name=env.get("MLBUILD_SERVICE_NAME") or None,
+            service_name=env.get("MLBUILD_SERVICE_NAME") or env.get("SERVICE_NAME") or None,
+            service_version=env.get("SERVICE_VERSION") or "1.0",
             dispatch=dispatch,
+            request_timeout=_timeout(env),
             access_log=_bool(env.get("MLBUILD_ACCESS_LOG"), True),
         )
 
-    def with_overrides(self, **changes) -> "RuntimeConfig":
+    def with_overrides(self, **changes) -> RuntimeConfig:
         """A copy with the non-None values of ``changes`` applied."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -103,6 +135,89 @@ class RuntimeConfig:
         if self.model_dir:
             env["MLBUILD_MODEL_DIR"] = self.model_dir
             env["AZUREML_MODEL_DIR"] = self.model_dir
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where and how the process listens. Build with :meth:`from_env`, then the CLI's
+    :meth:`with_overrides`.
+
+    Attributes:
+        host / port: The main listener (scoring and health).
+        health_port: A second listener serving only ``GET /``, ``/healthz/live`` and
+            ``/healthz/ready``; None (or the main port itself) for none.
+        workers: Worker processes; 1 serves in this process.
+        reuse_port: Replacement support: the main socket gets SO_REUSEPORT and is bound
+            and listening only after init() returned (see server.py).
+        ready_file: Written (atomically) once init() returned and the main socket
+            listens: ``{"pid": ..., "port": ..., "health_port": ...}``.
+        graceful_timeout: Seconds in-flight requests get to finish after SIGTERM.
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    health_port: int | None = None
+    workers: int = 1
+    reuse_port: bool = False
+    ready_file: str | None = None
+    graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: os._Environ | dict | None = None) -> ServerOptions:
+        """Read ``MLBUILD_*`` variables, with azmlinfsrv's spellings as fallbacks.
+
+        The health port: ``MLBUILD_HEALTH_PORT``; or, as azmlinfsrv does, with
+        ``SEPERATE_HEALTH_ENDPOINT=true`` (its spelling) ``HEALTH_PORT``, default 5000.
+
+        Raises:
+            ValueError: A variable has a malformed value.
+        """
+        env = os.environ if environ is None else environ
+        port = _number(env, "MLBUILD_PORT", int)
+        if port is None:
+            port = _number(env, "AZUREML_SERVER_PORT", int)
+        health_port = _number(env, "MLBUILD_HEALTH_PORT", int)
+        if health_port is None and _bool(env.get("SEPERATE_HEALTH_ENDPOINT"), False):
+            health_port = _number(env, "HEALTH_PORT", int) or DEFAULT_HEALTH_PORT
+        workers = _number(env, "MLBUILD_WORKERS", int) or _number(env, "WORKER_COUNT", int)
+        graceful = _number(env, "MLBUILD_GRACEFUL_TIMEOUT")
+        return cls(
+            host=env.get("MLBUILD_HOST") or "0.0.0.0",
+            port=DEFAULT_PORT if port is None else port,
+            health_port=health_port,
+            workers=workers or 1,
+            reuse_port=_bool(env.get("MLBUILD_REUSE_PORT"), False),
+            ready_file=env.get("MLBUILD_READY_FILE") or None,
+            graceful_timeout=DEFAULT_GRACEFUL_TIMEOUT if graceful is None else graceful,
+            log_level=(env.get("MLBUILD_LOG_LEVEL") or "info").lower(),
+        )
+
+    def with_overrides(self, **changes) -> ServerOptions:
+        """A copy with the non-None values of ``changes`` applied."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def problems(self) -> list[str]:
+        """Everything wrong with these options (empty when they can be served)."""
+        out = []
+        for name, value in (("port", self.port), ("health port", self.health_port)):
+            if value is not None and not 0 <= value <= 65535:
+                out.append(f"{name} {value} is not in 0..65535")
+        if self.workers < 1:
+            out.append(f"workers {self.workers}: give 1 or more")
+        if self.reuse_port and self.port == 0:
+            out.append("reuse-port needs a fixed port, not 0")
+        if self.graceful_timeout < 0:
+            out.append(f"graceful timeout {self.graceful_timeout} is negative")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            out.append(f"log level {self.log_level!r}: expected debug, info, warning or error")
+        if self.ready_file:
+            folder = os.path.dirname(os.path.abspath(self.ready_file))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                out.append(f"ready file {self.ready_file!r}: folder {folder!r} is missing "
+                           "or not writable")
+        return out
 
 
 def read_keys_file(path: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 ServiceInput/ServiceOutput come from, in order: the ``inference_schema`` decorators on
 ``run``, the sample files (``MLBUILD_SCHEMA_INPUT``/``_OUTPUT``), else a bare object.
+(A ``swagger.json`` the script ships itself is served as-is: see app.py.)
 """
 
 from __future__ import annotations
@@ -57,8 +58,15 @@ def load_sample_schema(path: str | None) -> dict | None:
 
 
 def swagger2(title: str, input_schema: dict | None, output_schema: dict | None,
-             auth: bool) -> dict:
-    """The Swagger 2.0 document, shaped like the one Azure ML services publish."""
+             auth: bool, version: str = "1.0") -> dict:
+    """The Swagger 2.0 document, shaped like the one Azure ML services publish.
+
+    Args:
+        title: ``info.title`` (the service name).
+        input_schema / output_schema: ServiceInput / ServiceOutput; None for an object.
+        auth: Whether /score takes ``Authorization: Bearer <key>``.
+        version: ``info.version`` (the service's version, azmlinfsrv's SERVICE_VERSION).
+    """
     error = {"description": "The service failed to execute due to an error.",
              "schema": {"$ref": "#/definitions/ErrorResponse"}}
     score = {
@@ -79,7 +87,7 @@ def swagger2(title: str, input_schema: dict | None, output_schema: dict | None,
     doc = {
         "swagger": "2.0",
         "info": {"title": title, "description": f"API specification for {title}",
-                 "version": "1.0"},
+                 "version": version},
         "schemes": ["http", "https"],
         "consumes": ["application/json"],
         "produces": ["application/json"],
@@ -93,6 +101,15 @@ def swagger2(title: str, input_schema: dict | None, output_schema: dict | None,
                               "default": error},
             }},
             "/score": {"post": score},
+            "/swagger.json": {"get": {
+                "operationId": "GetSwaggerSpec",
+                "description": "Get the Swagger specification.",
+                "parameters": [{"name": "version", "in": "query", "required": False,
+                                "type": "string", "enum": ["2", "3", "3.1"]}],
+                "responses": {"200": {"description": "The Swagger specification.",
+                                      "schema": {"type": "object"}},
+                              "default": error},
+            }},
         },
         "definitions": {
             "ServiceInput": copy.deepcopy(input_schema) or {"type": "object"},
@@ -108,8 +125,8 @@ def swagger2(title: str, input_schema: dict | None, output_schema: dict | None,
     return doc
 
 
-def openapi3(doc2: dict) -> dict:
-    """The same API as OpenAPI 3.0, converted from the Swagger 2.0 document."""
+def openapi3(doc2: dict, openapi_version: str = "3.0.3") -> dict:
+    """The same API as OpenAPI 3 (``openapi_version``), converted from the Swagger 2.0 one."""
     text = json.dumps(doc2).replace("#/definitions/", "#/components/schemas/")
     d = json.loads(text)
     paths = d["paths"]
@@ -119,11 +136,17 @@ def openapi3(doc2: dict) -> dict:
                 if "schema" in resp:
                     resp["content"] = {"application/json": {"schema": resp.pop("schema")}}
                 resp.pop("examples", None)
-            body = [p for p in op.pop("parameters", []) if p.get("in") == "body"]
+            params = op.pop("parameters", [])
+            body = [p for p in params if p.get("in") == "body"]
             if body:
                 op["requestBody"] = {"description": body[0]["description"], "required": True,
                                      "content": {"application/json": {"schema": body[0]["schema"]}}}
-    out = {"openapi": "3.0.3", "info": d["info"], "paths": paths,
+            others = [p for p in params if p.get("in") != "body"]
+            for param in others:  # 3.x: a parameter's type moves into its schema
+                param["schema"] = {k: param.pop(k) for k in ("type", "enum") if k in param}
+            if others:
+                op["parameters"] = others
+    out = {"openapi": openapi_version, "info": d["info"], "paths": paths,
            "components": {"schemas": d["definitions"]}}
     if "securityDefinitions" in d:
         out["components"]["securitySchemes"] = {"Bearer": {"type": "http", "scheme": "bearer"}}

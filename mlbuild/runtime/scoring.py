@@ -10,6 +10,7 @@ How ``run`` is called, by what the script declares (as the Azure ML server does)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -46,16 +47,23 @@ class Scorer:
 
 
 def resolve_entry_script(path: str, app_root: str | None) -> str:
-    """The script's path, resolved against ``app_root`` when relative.
+    """The script's path: a relative one is looked up in ``app_root`` (as azmlinfsrv does
+    for ``AZUREML_ENTRY_SCRIPT``), then in the current folder (as it does for
+    ``--entry_script``).
 
     Raises:
         LoadError: The file does not exist.
     """
-    candidate = path if os.path.isabs(path) or not app_root else os.path.join(app_root, path)
-    if not os.path.isfile(candidate):
-        where = f" (resolved against AML_APP_ROOT={app_root!r})" if app_root and candidate != path else ""
-        raise LoadError(f"entry script {candidate!r} does not exist{where}")
-    return candidate
+    if os.path.isabs(path) or not app_root:
+        candidates = [path]
+    else:
+        candidates = [os.path.join(app_root, path), path]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    where = f" (looked in AML_APP_ROOT={app_root!r} and {os.getcwd()!r})" \
+        if len(candidates) > 1 else ""
+    raise LoadError(f"entry script {path!r} does not exist{where}")
 
 
 def _import_script(path: str):
@@ -86,6 +94,75 @@ def _schema_decorated(run) -> tuple[bool, dict | None, dict | None]:
     return True, schema_util.get_input_schema(run), schema_util.get_output_schema(run)
 
 
+# What inference_schema and numpy raise for a value they cannot convert. Not TimeoutError:
+# the request timeout may land inside the conversion, and that is no fault of the input.
+CONVERSION_ERRORS = (ValueError, TypeError, OverflowError, KeyError, IndexError)
+
+
+def _raised_by_inference_schema_conversion(exc: BaseException) -> bool:
+    if not isinstance(exc, CONVERSION_ERRORS):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_deserialize_input_argument" and \
+                frame.f_globals.get("__name__", "").startswith("inference_schema"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _input_errors_as_400(run):
+    """A schema-decorated ``run`` whose request errors raise ``BadInput`` (a 400).
+
+    Two errors are the request's, not the script's: keys that do not bind to run()'s
+    parameters (one missing, one unknown), and a value inference_schema cannot convert to
+    the declared type. The conversion runs inside the decorator, before run()'s own code;
+    an exception raised under its ``_deserialize_input_argument`` is such a value. Every
+    other exception stays run()'s own (a 500).
+    """
+    from mlbuild.runtime.nocode import BadInput
+
+    try:
+        signature = inspect.signature(run)  # the script's run(), through the decorators
+    except (TypeError, ValueError):
+        signature = None
+
+    def check(payload: dict) -> None:
+        if signature is None:
+            return
+        try:
+            signature.bind(**payload)
+        except TypeError as exc:
+            names = ", ".join(signature.parameters)
+            raise BadInput(f"the request's keys do not match run({names}): {exc}") from None
+
+    def as_bad_input(exc: Exception) -> BadInput:
+        return BadInput(f"input does not match run()'s schema: {type(exc).__name__}: {exc}")
+
+    if inspect.iscoroutinefunction(inspect.unwrap(run)):
+        @functools.wraps(run)
+        async def checked(**payload):
+            check(payload)
+            try:
+                return await run(**payload)
+            except Exception as exc:
+                if _raised_by_inference_schema_conversion(exc):
+                    raise as_bad_input(exc) from exc
+                raise
+    else:
+        @functools.wraps(run)
+        def checked(**payload):
+            check(payload)
+            try:
+                return run(**payload)
+            except Exception as exc:
+                if _raised_by_inference_schema_conversion(exc):
+                    raise as_bad_input(exc) from exc
+                raise
+    return checked
+
+
 def load_entry_script(path: str, app_root: str | None = None) -> Scorer:
     """Import the script (its folder on ``sys.path``) and work out how to call ``run``.
 
@@ -113,7 +190,8 @@ def load_entry_script(path: str, app_root: str | None = None) -> Scorer:
         return Scorer(run, init, mode="raw", name=name)
     decorated, in_schema, out_schema = _schema_decorated(run)
     if decorated:
-        scorer = Scorer(run, init, mode="json", name=name, spread_json=True)
+        scorer = Scorer(_input_errors_as_400(run), init, mode="json", name=name,
+                        spread_json=True)
         scorer.input_schema, scorer.output_schema = in_schema, out_schema
         return scorer
     return Scorer(run, init, mode="text", name=name)

@@ -1,25 +1,86 @@
-"""Running the app under uvicorn: one process, or a supervisor with ``workers`` processes."""
+"""Running the app under uvicorn: listeners, one process or a supervisor of workers, and
+the replacement contract that mlbuild's ``process`` target relies on.
+
+Listeners::
+
+    main    host:port          everything: /score, health, /swagger.json, /metrics
+    health  host:health_port   only GET /, /healthz/live, /healthz/ready (optional): a
+                               stdlib HTTP server in a thread of the first process, up
+                               before anything is loaded; ready = init() returned (every
+                               worker's, with several)
+
+Start-up::
+
+    default      bind+listen main (a busy port fails here, touching nothing), health
+                 -> uvicorn -> load + init() in a thread, /score answers 503 meanwhile
+    reuse-port   probe main, bind+listen health -> load + init() -> bind+listen main
+                 with SO_REUSEPORT -> uvicorn
+
+Replacement contract (``MLBUILD_REUSE_PORT=1`` or ``--reuse-port``; ``MLBUILD_READY_FILE=
+PATH`` or ``--ready-file PATH``):
+
+- The main socket gets SO_REUSEADDR and SO_REUSEPORT and is bound and listening only after
+  init() returned, so a new release started beside a running one on the same port takes
+  no connection before it can answer them. Before loading anything the port is probed: a
+  port held by a listener that did not set SO_REUSEPORT (another program) is exit 1,
+  "port in use", at once (and again if such a listener appears during init()).
+- Once init() returned and the main socket listens, PATH is written atomically (a
+  temporary file beside it, then ``os.replace``) with ``{"pid": <this process>, "port":
+  <main port>, "health_port": <port or null>}``. With ``--workers N`` it is written by
+  the supervising process once *all* N workers are ready (each listens only after its own
+  init() in reuse-port mode), so the old release is stopped only when the new one has its
+  full capacity. PATH is removed at exit if it still names this process.
+- SIGTERM (or SIGINT): the listeners close, in-flight requests finish (up to
+  ``graceful_timeout`` seconds, MLBUILD_GRACEFUL_TIMEOUT, default 30), exit 0. During
+  init() in reuse-port mode nothing is in flight: exit 0 at once.
+- A health port in reuse-port mode gets SO_REUSEPORT too, so old and new release can both
+  hold it; during the overlap a probe reaches either one, and each answers for itself.
+
+Without reuse-port nothing changes: bind first and fail fast on a busy port, 503 while
+init() runs. Exit codes: 0 stopped, 1 a port cannot be listened on, 3 loading the script
+or its init() failed (2, bad options, comes from ``__main__``).
+
+Workers (``--workers N`` > 1): this process supervises N processes (multiprocessing
+"spawn"), each loading the script and running init() itself. By default they share the
+main socket bound here; in reuse-port mode each binds its own (SO_REUSEPORT) after its
+init(). A worker that exits before it was ready stops everything (exit 3, or 1 for a
+port); one that dies later is replaced. Workers leave when this process goes away.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
+import socketserver
 import sys
-import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from mlbuild.runtime.app import ScoringApp, create_app
-from mlbuild.runtime.config import RuntimeConfig
+import uvicorn
+
+from mlbuild.runtime.app import (
+    JSON,
+    ScoringApp,
+    _error,
+    create_app,
+    health_response,
+    new_request_id,
+)
+from mlbuild.runtime.config import RuntimeConfig, ServerOptions
 
 log = logging.getLogger("mlbuild.runtime")
+access_log = logging.getLogger("mlbuild.runtime.access")
 
+EXIT_OK = 0
+EXIT_PORT = 1
 EXIT_INIT_FAILED = 3
-_CONFIG_ENV = "MLBUILD_RUNTIME_CONFIG_JSON"   # hands the config to worker processes
-_FATAL_ENV = "MLBUILD_RUNTIME_FATAL_FILE"     # a worker whose init() failed writes it
+BACKLOG = 2048
 
 
 def _fast_options() -> dict:
@@ -31,19 +92,27 @@ def _fast_options() -> dict:
     }
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind before anything else, so a busy port fails fast and touches nothing.
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A bound, listening TCP socket.
+
+    SO_REUSEADDR always (restarts do not wait for TIME_WAIT, yet a port with a live
+    listener still refuses the bind); SO_REUSEPORT with ``reuse_port``, so listeners of
+    an old and a new release share the port.
 
     Raises:
         OSError: The address is in use or cannot be bound.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # SO_REUSEADDR (not SO_REUSEPORT): restarts do not wait for TIME_WAIT, yet a port
-    # with a live listener still refuses the bind.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
+        sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -51,78 +120,449 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(config: RuntimeConfig, host: str = "0.0.0.0", port: int = 5001,
-               workers: int = 1, log_level: str = "info") -> int:
-    """Serve ``config`` until stopped; returns the process exit code.
+def probe_reuse_port(host: str, port: int) -> None:
+    """Check that a SO_REUSEPORT listener could bind ``host:port`` (nothing stays bound).
+
+    Raises:
+        OSError: A listener without SO_REUSEPORT (another program) holds the port.
+    """
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+
+
+def _port_error(host: str, port: int, exc: OSError, reuse_port: bool) -> None:
+    why = exc.strerror or str(exc)
+    hint = (" (held by a program that did not set SO_REUSEPORT)" if reuse_port
+            else " (another server listens there: stop it or choose another --port)")
+    log.error("cannot listen on %s:%d: port in use? %s%s", host, port, why, hint)
+
+
+# -- ready file --------------------------------------------------------------------------
+def write_ready_file(path: str, port: int, health_port: int | None) -> None:
+    """Write ``{"pid", "port", "health_port"}`` to ``path`` atomically."""
+    data = json.dumps({"pid": os.getpid(), "port": port, "health_port": health_port})
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def remove_ready_file(path: str) -> None:
+    """Remove ``path`` if it names this process (a newer release may have rewritten it)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ours = json.load(fh).get("pid") == os.getpid()
+    except (OSError, ValueError, AttributeError):
+        return
+    if ours:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _ReadyGate:
+    """Calls ``then(port)`` once, when init() returned and the main socket listens."""
+
+    def __init__(self, then):
+        self._then = then
+        self._lock = threading.Lock()
+        self._init = False
+        self._port: int | None = None
+        self._fired = False
+
+    def init_done(self, _app=None) -> None:
+        with self._lock:
+            self._init = True
+        self._maybe_fire()
+
+    def listening(self, port: int) -> None:
+        with self._lock:
+            self._port = port
+        self._maybe_fire()
+
+    def _maybe_fire(self) -> None:
+        with self._lock:
+            if self._fired or not self._init or self._port is None:
+                return
+            self._fired = True
+        self._then(self._port)
+
+
+# -- health listener ---------------------------------------------------------------------
+class _HealthHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def version_string(self) -> str:
+        return "mlbuild"
+
+    def do_GET(self):  # http.server's naming
+        self._answer(body=True)
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def do_POST(self):
+        self._answer(body=True, allowed=False)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_POST
+
+    def _answer(self, body: bool, allowed: bool = True) -> None:
+        started = time.perf_counter()
+        path = self.path.split("?", 1)[0]
+        rid = self.headers.get("x-request-id") or new_request_id().decode()
+        answer = health_response(path, self.server.is_ready()) if allowed else None
+        if answer is not None:
+            status, payload, ctype = answer
+        elif not allowed:
+            status, payload, ctype = 405, _error(405, f"{self.command} not allowed on the "
+                                                 "health port"), JSON
+        else:
+            status, payload, ctype = 404, _error(404, f"no route {path} on the health port "
+                                                 "(only /, /healthz/live, /healthz/ready)"), JSON
+        self.send_response(status)
+        self.send_header("content-type", ctype.decode())
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("x-request-id", rid)
+        self.send_header("x-ms-request-id", rid)
+        if status == 405:
+            self.send_header("allow", "GET, HEAD")
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %d %.2fms rid=%s (health port)", self.command, path, status,
+                            (time.perf_counter() - started) * 1000.0, rid)
+
+    def log_message(self, format, *args):  # the access line is written in _answer
+        pass
+
+
+class _HealthHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, reuse_port: bool):
+        self.address_family = _family(address[0])
+        self._reuse_port = reuse_port
+        self.is_ready = lambda: False
+        super().__init__(address, _HealthHandler)
+
+    def server_bind(self):
+        if self._reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # NOTE: not HTTPServer.server_bind, whose getfqdn() may wait on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class HealthListener:
+    """GET /, /healthz/live and /healthz/ready on a port of their own, served by a daemon
+    thread of this process; readiness comes from a callable set with :meth:`set_source`.
+    """
+
+    def __init__(self, host: str, port: int, reuse_port: bool = False):
+        """Bind and listen (not yet serve).
+
+        Raises:
+            OSError: The port cannot be bound.
+        """
+        self._server = _HealthHTTPServer((host, port), reuse_port)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def set_source(self, is_ready) -> None:
+        self._server.is_ready = is_ready
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,),
+                                        name="mlbuild-health", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+        self._server.server_close()
+
+
+# -- signals -----------------------------------------------------------------------------
+class _Stop:
+    """SIGTERM/SIGINT seen by this process (uvicorn's own handling comes on top while it
+    serves; it hands the signal back afterwards, which lands here)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def install(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.event.set()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling ``on_started`` once its sockets accept connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started):
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_started(self)
+
+
+def _watch_parent(server: uvicorn.Server) -> None:
+    """Stop ``server`` gracefully when the process that started this one goes away."""
+    parent = os.getppid()
+
+    def watch():
+        while not server.should_exit:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                log.warning("supervising process [%d] is gone; stopping", parent)
+                server.should_exit = True
+                return
+
+    threading.Thread(target=watch, name="mlbuild-parent-watch", daemon=True).start()
+
+
+# -- one serving process -----------------------------------------------------------------
+def _serve(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | None, *,
+           on_ready_port, stop: _Stop, health: HealthListener | None = None,
+           watch_parent: bool = False) -> int:
+    """Load, init() and serve in this process until stopped; returns the exit code.
+
+    Args:
+        sock: The listening main socket; None in reuse-port mode, where it is bound here
+            once init() returned.
+        on_ready_port: Called with the main port once init() returned and it listens.
+        stop: Signals seen before uvicorn took over.
+        health: The health listener to feed with this app's readiness.
+        watch_parent: Stop when the parent process goes away (workers).
+    """
+    state: dict = {"code": EXIT_OK, "server": None}
+    gate = _ReadyGate(on_ready_port)
+
+    def on_fatal(app: ScoringApp) -> None:
+        state["code"] = EXIT_INIT_FAILED
+        server = state["server"]
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_fatal=on_fatal, on_ready=gate.init_done)
+    if health is not None:
+        health.set_source(lambda: app.ready)
+    if sock is None:  # reuse-port: nothing listens before init() returned
+        app.start()
+        while not app.wait_loaded(0.1):
+            if stop.event.is_set():
+                log.info("stopped while init() ran")
+                return EXIT_OK
+        if app.failure is not None:
+            return EXIT_INIT_FAILED
+        if stop.event.is_set():
+            return EXIT_OK
+        try:
+            sock = listen_socket(options.host, options.port, reuse_port=True)
+        except OSError as exc:
+            _port_error(options.host, options.port, exc, reuse_port=True)
+            return EXIT_PORT
+
+    def on_started(server: uvicorn.Server) -> None:
+        gate.listening(sock.getsockname()[1])
+        if stop.event.is_set():  # a signal between our handler and uvicorn's
+            server.should_exit = True
+
+    uv_config = uvicorn.Config(app, **_fast_options(), log_level=options.log_level,
+                               access_log=False, server_header=False, lifespan="on",
+                               timeout_graceful_shutdown=options.graceful_timeout)
+    server = _Server(uv_config, on_started)
+    state["server"] = server
+    if watch_parent:
+        _watch_parent(server)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit as exc:  # uvicorn's startup failures
+        return int(exc.code or 0) if state["code"] == EXIT_OK else state["code"]
+    finally:
+        sock.close()
+    return state["code"]
+
+
+# -- several workers ---------------------------------------------------------------------
+def _worker_main(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | None,
+                 ready, log_level: str) -> None:
+    """Entry point of a worker process (spawned: nothing is inherited but the args)."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code = _serve(config, options, sock, on_ready_port=lambda _port: ready.set(),
+                  stop=_Stop().install(), watch_parent=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+class _Worker:
+    def __init__(self, process, ready):
+        self.process = process
+        self.ready_event = ready
+        self.ready = False
+
+    def is_ready(self) -> bool:
+        if not self.ready and self.ready_event.is_set():
+            self.ready = True
+        return self.ready
+
+
+class Supervisor:
+    """Runs ``options.workers`` worker processes until stopped (see the module docstring)."""
+
+    def __init__(self, config: RuntimeConfig, options: ServerOptions,
+                 sock: socket.socket | None, stop: _Stop, on_ready_port):
+        self._config = config
+        self._options = options
+        self._sock = sock
+        self._stop = stop
+        self._on_ready_port = on_ready_port
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker] = []
+
+    def _spawn(self) -> _Worker:
+        ready = self._ctx.Event()
+        process = self._ctx.Process(
+            target=_worker_main, name="mlbuild-worker", daemon=False,
+            args=(self._config, self._options, self._sock, ready, self._options.log_level))
+        process.start()
+        log.info("started worker process [%d]", process.pid)
+        return _Worker(process, ready)
+
+    def all_ready(self) -> bool:
+        workers = list(self._workers)
+        return bool(workers) and all(w.is_ready() and w.process.is_alive() for w in workers)
+
+    def _check(self) -> int | None:
+        """Replace workers that died after they were ready; an exit code when one died
+        before (nothing can be served then)."""
+        for i, worker in enumerate(self._workers):
+            if worker.process.is_alive():
+                continue
+            code = worker.process.exitcode
+            if not worker.is_ready():
+                log.error("worker process [%d] exited (code %s) before it was ready; "
+                          "stopping", worker.process.pid, code)
+                return EXIT_PORT if code == EXIT_PORT else EXIT_INIT_FAILED
+            log.warning("worker process [%d] exited (code %s); starting another",
+                        worker.process.pid, code)
+            self._workers[i] = self._spawn()
+        return None
+
+    def run(self) -> int:
+        code = EXIT_OK
+        announced = False
+        self._workers = [self._spawn() for _ in range(self._options.workers)]
+        try:
+            while not self._stop.event.wait(0.1):
+                failed = self._check()
+                if failed is not None:
+                    code = failed
+                    break
+                if not announced and self.all_ready():
+                    announced = True
+                    self._on_ready_port(self._sock.getsockname()[1] if self._sock
+                                        else self._options.port)
+        finally:
+            self._shutdown()
+        return code
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # this copy must not keep accepting into its backlog
+        for worker in self._workers:
+            if worker.process.is_alive():
+                try:
+                    os.kill(worker.process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + self._options.graceful_timeout + 5.0
+        for worker in self._workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.error("worker process [%d] did not stop in time; killing it",
+                          worker.process.pid)
+                worker.process.kill()
+                worker.process.join(5.0)
+
+
+# -- entry point -------------------------------------------------------------------------
+def run_server(config: RuntimeConfig, options: ServerOptions | None = None) -> int:
+    """Serve ``config`` as ``options`` say until stopped; returns the process exit code.
 
     Returns:
-        0 after a normal shutdown, 1 when the port cannot be bound, 3 when loading the
+        0 after SIGTERM/SIGINT, 1 when a port cannot be listened on, 3 when loading the
         entry script or its init() failed.
     """
-    import uvicorn
-
+    options = options or ServerOptions()
+    host = options.host
+    stop = _Stop().install()
+    sock = None
     try:
-        sock = _bind(host, port)
+        if options.reuse_port:
+            probe_reuse_port(host, options.port)
+        else:
+            sock = listen_socket(host, options.port)
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
-        return 1
-    uv_options = dict(_fast_options(), log_level=log_level, access_log=False,
-                      server_header=False, lifespan="on", timeout_graceful_shutdown=5)
+        _port_error(host, options.port, exc, options.reuse_port)
+        return EXIT_PORT
+    health = None
+    if options.health_port is not None:
+        try:
+            health = HealthListener(host, options.health_port, reuse_port=options.reuse_port)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            _port_error(host, options.health_port, exc, options.reuse_port)
+            return EXIT_PORT
+        health.start()
+    port = sock.getsockname()[1] if sock is not None else options.port
+    health_port = health.port if health is not None else None
+    log.info("serving %s on http://%s:%d%s (workers=%d, dispatch=%s, timeout=%s, auth=%s%s)",
+             config.entry_script or config.no_code_model, host, port,
+             f", health on port {health_port}" if health_port else "", options.workers,
+             "thread" if config.request_timeout else config.dispatch,
+             f"{config.request_timeout:g}s" if config.request_timeout else "none",
+             "key" if config.auth_keys else "none",
+             ", reuse-port: listening once init() returned" if options.reuse_port else "")
 
-    if workers <= 1:
-        server_box: list = []
+    def on_ready_port(actual_port: int) -> None:
+        if options.ready_file:
+            try:
+                write_ready_file(options.ready_file, actual_port, health_port)
+            except OSError as exc:
+                log.error("cannot write the ready file %s: %s", options.ready_file, exc)
+                return
+            log.info("ready: wrote %s", options.ready_file)
 
-        def on_fatal(app: ScoringApp) -> None:
-            app.exit_code = EXIT_INIT_FAILED
-            server_box[0].should_exit = True
-
-        app = create_app(config, on_fatal=on_fatal)
-        app.exit_code = 0
-        server = uvicorn.Server(uvicorn.Config(app, **uv_options))
-        server_box.append(server)
-        server.run(sockets=[sock])
-        return app.exit_code
-
-    # Several workers: uvicorn's supervisor forks processes that each import the app
-    # through `worker_app()`, which reads the configuration from the environment.
-    fd, fatal_file = tempfile.mkstemp(prefix="mlbuild-fatal-")
-    os.close(fd)
-    os.unlink(fatal_file)
-    os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-    os.environ[_FATAL_ENV] = fatal_file
-    config.export_model_dir()
-    sock.close()  # uvicorn's supervisor binds (and fails on a busy port) itself
     try:
-        uvicorn.run("mlbuild.runtime.server:worker_app", factory=True, host=host, port=port,
-                    workers=workers, **uv_options)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    if os.path.exists(fatal_file):
-        os.unlink(fatal_file)
-        return EXIT_INIT_FAILED
-    return 0
-
-
-def _worker_fatal(app: ScoringApp) -> None:
-    # A worker cannot serve without its init(): record it, stop the supervisor (which
-    # would otherwise restart workers in a loop) and leave.
-    fatal_file = os.environ.get(_FATAL_ENV)
-    if fatal_file:
-        with open(fatal_file, "w", encoding="utf-8") as fh:
-            fh.write(app.failure or "init failed")
-    sys.stderr.flush()
-    os.kill(os.getppid(), signal.SIGTERM)
-    os._exit(EXIT_INIT_FAILED)
-
-
-def worker_app() -> ScoringApp:
-    """App factory for worker processes (configuration from the parent's environment)."""
-    raw = os.environ.get(_CONFIG_ENV)
-    if raw:
-        data = json.loads(raw)
-        for key in ("auth_keys", "cors_origins"):
-            data[key] = tuple(data[key])
-        config = RuntimeConfig(**data)
-    else:
-        config = RuntimeConfig.from_env()
-    return create_app(config, on_fatal=_worker_fatal)
+        if options.workers > 1:
+            supervisor = Supervisor(config, options, sock, stop, on_ready_port)
+            if health is not None:
+                health.set_source(supervisor.all_ready)
+            return supervisor.run()
+        return _serve(config, options, sock, on_ready_port=on_ready_port, stop=stop,
+                      health=health)
+    finally:
+        if health is not None:
+            health.close()
+        if options.ready_file:
+            remove_ready_file(options.ready_file)

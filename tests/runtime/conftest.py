@@ -109,7 +109,9 @@ def write_script(folder: Path, source: str, name="score.py") -> Path:
 
 def runtime_env(extra: dict | None = None, pythonpath: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLBUILD_", "AZUREML_", "AML_"))}
+           if not k.startswith(("MLBUILD_", "AZUREML_", "AML_", "SEPERATE_HEALTH_ENDPOINT",
+                                "HEALTH_PORT", "SCORING_TIMEOUT_MS", "WORKER_COUNT",
+                                "SERVICE_NAME", "SERVICE_VERSION"))}
     env["PYTHONUNBUFFERED"] = "1"
     if pythonpath:
         env["PYTHONPATH"] = pythonpath

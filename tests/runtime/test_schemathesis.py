@@ -37,7 +37,6 @@ MAX_EXAMPLES = 60  # per operation and generation mode
 SEED = 20240611
 REQUEST_TIMEOUT = 5.0  # seconds
 BUDGET = 20.0  # seconds of generated requests per service, a backstop for a slow box
-FINDINGS = "/tmp/helper_onnx_findings.md"
 
 DIABETES_FEATURES = 10
 IRIS_FEATURES = 4
@@ -190,12 +189,8 @@ def test_inference_schema_decorated_script_never_5xx(start_server, tmp_path, dia
                    or p.operation != "POST /score"]
     assert not unexplained, "5xx for valid input:\n" + "\n".join(
         p.describe() for p in unexplained[:5])
-    if errors:
-        # Only input that run()'s parameters or its schema reject is left: the runtime
-        # answers it with 500, where the contract says 400.
-        pytest.xfail(f"F1 in {FINDINGS}: input rejected by run()'s signature or its "
-                     f"inference_schema types is a 500, not a 400 ({len(errors)} of "
-                     f"{len(score_probes(probes))} requests), e.g.\n" + errors[0].describe())
+    # Input that run()'s parameters or its schema reject is the request's fault: a 400.
+    assert not errors, f"{len(errors)} 5xx answers, e.g.\n" + errors[0].describe()
 
 
 @pytest.mark.slow
