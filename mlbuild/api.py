@@ -342,7 +342,8 @@ def status(directory=".", file=None, target: str | None = None) -> list[ServiceS
                 if name not in p.services:
                     detail += "; no longer in the manifest (mlbuild down stops it)"
                 out.append(ServiceStatus(t.name, name, state, dep["url"], dep["pid"],
-                                         dep["fingerprint"][:12], dep["started_at"], detail))
+                                         dep["fingerprint"].split(":")[-1][:12],
+                                         dep["started_at"], detail))
         return out
 
 

@@ -146,16 +146,26 @@ def wait_ready(proc: Started, timeout: float, tick: Callable[[float], None] | No
 
 
 def _group_alive(pgid: int, popen: subprocess.Popen | None) -> bool:
-    if popen is not None and popen.poll() is not None:
-        # Our own child: reaped now. Workers in its group may linger briefly.
-        pass
+    """Does any process of the group still run? Zombies do not count: a wrapper whose
+    parent (an earlier mlbuild) is gone waits for the system to reap it."""
+    if popen is not None:
+        popen.poll()  # reap our own child
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def stop(pgid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None) -> None:
@@ -215,11 +225,11 @@ def observe(dep: dict) -> tuple[str, str]:
     if pid and is_runtime(pid, port):
         code = probe(f"{dep['url']}/healthz/ready")
         if code == 200:
-            return HEALTHY, f"pid {pid}"
+            return HEALTHY, ""
         if code == 503:
-            return TRANSITIONING, f"pid {pid}, init() still running"
-        return UNHEALTHY, f"pid {pid} does not answer health checks" if code is None \
-            else f"pid {pid} answers health checks with {code}"
+            return TRANSITIONING, "init() still running"
+        return UNHEALTHY, "does not answer health checks" if code is None \
+            else f"answers health checks with {code}"
     rc = read_exit(release)
     if rc is not None:
         return FAILED, f"exited with status {rc}"

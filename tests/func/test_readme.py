@@ -57,3 +57,39 @@ def test_readme_main_command_on_a_fresh_copy(tmp_path):
         if (dest / ".venv/bin/mlbuild").exists():
             subprocess.run(".venv/bin/mlbuild down", shell=True, cwd=dest, env=env, timeout=120,
                            capture_output=True)
+
+
+def test_readme_azmlinfsrv_swap_command_serves(tmp_path):
+    """The "Coming from azmlinfsrv" command, run as written (plus a free port)."""
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    cmd = readme_command("azmlinfsrv-swap")
+    assert cmd.startswith("mlbuild serve ")
+    (tmp_path / "score.py").write_text(
+        "import os\n\ndef init():\n    global d\n    d = os.environ['AZUREML_MODEL_DIR']\n\n"
+        "def run(raw):\n    return {'model_dir': d, 'body': raw}\n")
+    (tmp_path / "models").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = cmd.split()[1:] + ["--port", str(port)]
+    p = subprocess.Popen([sys.executable, "-m", "mlbuild", *args], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b"hi")
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    answer = json.loads(r.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline and p.poll() is None, p.stdout.read()
+                time.sleep(0.1)
+        assert answer == {"model_dir": "./models", "body": "hi"}
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
