@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mlbuild.errors import InvalidInput
+from mlbuild.errors import InvalidInput, MlbuildError
 from mlbuild.state.db import STATE_DIR, SchemaCache, StateDB
 
 
@@ -182,6 +182,43 @@ def deploy(directory=".", file=None, target: str | None = None, on_event=None,
     return _run(directory, file, target, None, on_event, force)
 
 
+def push(directory=".", file=None, target: str | None = None, on_event=None,
+         force: bool = False) -> RunResult:
+    """Build the images of a docker target and push them to the project's registry."""
+    with session(directory, file) as s:
+        t = s.project.target(target)
+        if t.type != "docker":
+            raise InvalidInput(f"target {t.name!r} is of type {t.type}: only docker targets "
+                               "have images to push", hint="name a docker target")
+        if not s.project.registry:
+            raise InvalidInput(f"{s.project.manifest_path.name}: no registry to push to",
+                               hint="set registry: HOST[:PORT][/PATH] in the manifest")
+    return _run(directory, file, target, {"push"}, on_event, force)
+
+
+def clean_images(directory=".", file=None, keep: int = 2) -> list[str]:
+    """Remove the project's images but the newest ``keep`` per service (and any image a
+    container still uses). Returns the tags removed."""
+    from mlbuild.backends.docker import connect
+    from mlbuild.manifest import find_manifest, load_project
+
+    project = load_project(find_manifest(Path(directory), file))
+    eng = connect()
+    by_service: dict[str, list] = {}
+    for img in eng.list_images({"dev.mlbuild.project": project.name}):
+        by_service.setdefault(img.labels.get("dev.mlbuild.service", "?"), []).append(img)
+    removed = []
+    for images in by_service.values():  # newest first
+        for img in images[keep:]:
+            for tag in img.tags:
+                try:
+                    if eng.remove_image(tag):
+                        removed.append(tag)
+                except MlbuildError:
+                    pass  # in use by a container: kept
+    return removed
+
+
 # -- models ------------------------------------------------------------------------------
 
 def models_register(path: str, name: str, directory=".", file=None, **meta):
@@ -294,14 +331,17 @@ def _service_of(project, name: str):
                            hint="services: " + ", ".join(sorted(project.services))) from None
 
 
-def _process_target(project, target: str | None):
+RUNNING_TYPES = ("process", "docker")
+
+
+def _running_target(project, target: str | None):
+    """A target whose services run (process or docker). Raises NotSupported otherwise."""
     from mlbuild.errors import NotSupported
 
     t = project.target(target)
-    if t.type != "process":
-        raise NotSupported(f"target {t.name!r} is of type {t.type}: this command works on "
-                           "process targets for now",
-                           hint="name a process target (type: process)")
+    if t.type not in RUNNING_TYPES:
+        raise NotSupported(f"target {t.name!r} is of type {t.type}: nothing runs there",
+                           hint="name a process or docker target")
     return t
 
 
@@ -310,7 +350,9 @@ class ServiceStatus:
     target: str
     service: str
     state: str
+    type: str = "process"
     url: str | None = None
+    image: str | None = None
     pid: int | None = None
     fingerprint: str | None = None
     since: float | None = None
@@ -321,13 +363,15 @@ class ServiceStatus:
 
 
 def status(directory=".", file=None, target: str | None = None) -> list[ServiceStatus]:
-    """The state of every service of ``target`` (default: every process target)."""
+    """The state of every service of ``target`` (default: of every process and docker
+    target)."""
     from mlbuild.backends import process as proc
+    from mlbuild.graph.steps import container
 
     with session(directory, file) as s:
         p = s.project
-        targets = [_process_target(p, target)] if target else \
-            [t for t in p.targets.values() if t.type == "process"]
+        targets = [_running_target(p, target)] if target else \
+            [t for t in p.targets.values() if t.type in RUNNING_TYPES]
         out = []
         for t in targets:
             deps = s.db.deployments(t.name)
@@ -336,40 +380,83 @@ def status(directory=".", file=None, target: str | None = None) -> list[ServiceS
             for name in names:
                 dep = deps.get((t.name, name))
                 if dep is None:
-                    out.append(ServiceStatus(t.name, name, "-", detail="not deployed"))
+                    out.append(ServiceStatus(t.name, name, "-", t.type, detail="not deployed"))
                     continue
-                state, detail = proc.observe(dict(dep, release=str(p.root / dep["release"])))
+                if t.type == "docker":
+                    state, detail = container.observe(dep)
+                else:
+                    state, detail = proc.observe(dict(dep, release=str(p.root / dep["release"])))
                 if name not in p.services:
                     detail += "; no longer in the manifest (mlbuild down stops it)"
-                out.append(ServiceStatus(t.name, name, state, dep["url"], dep["pid"],
+                out.append(ServiceStatus(t.name, name, state, t.type, dep["url"],
+                                         dep.get("image"), dep.get("pid"),
                                          dep["fingerprint"].split(":")[-1][:12],
-                                         dep["started_at"], detail))
+                                         dep["started_at"], detail.lstrip("; ")))
         return out
 
 
-def log_path(service: str, directory=".", file=None, target: str | None = None) -> Path:
-    """The log file of ``service`` on a process target."""
-    from mlbuild.graph.steps.process import log_file
+def logs(service: str, directory=".", file=None, target: str | None = None,
+         lines: int | None = 200, follow: bool = False):
+    """The log of ``service``: yields lines (the last ``lines``; then, with ``follow``,
+    new ones as they come, until interrupted)."""
+    from mlbuild.backends.process import tail
 
     with session(directory, file) as s:
-        t = _process_target(s.project, target)
-        path = log_file(s.db.state_dir, t.name, service)
-        if not path.exists():
-            if service not in s.project.services:
+        t = _running_target(s.project, target)
+        dep = s.db.get_deployment(t.name, service)
+        if t.type == "docker":
+            if dep is None:
                 _service_of(s.project, service)
-            raise InvalidInput(f"service {service!r} has no log on target {t.name!r} yet",
-                               hint=f"deploy it first: mlbuild deploy {t.name}")
-        return path
+                raise InvalidInput(f"service {service!r} is not deployed to target {t.name!r}",
+                                   hint=f"run mlbuild deploy {t.name}")
+            from mlbuild.backends.docker import connect
+
+            eng = connect()
+            if follow:
+                yield from (ln.rstrip("\n") for ln in eng.follow_logs(dep["container"],
+                                                                      tail=lines or None))
+            else:
+                yield from eng.container_logs(dep["container"],
+                                              tail=lines or None).rstrip("\n").splitlines()
+            return
+        path = _log_path(s, t, service)
+    yield from (tail(path, lines) if lines else
+                (ln.decode("utf-8", "replace").rstrip("\n") for ln in open(path, "rb")))
+    if follow:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            while True:
+                chunk = fh.readline()
+                if chunk:
+                    yield chunk.decode("utf-8", "replace").rstrip("\n")
+                else:
+                    import time
+
+                    time.sleep(0.2)
+
+
+def _log_path(s: Session, t, service: str) -> Path:
+    from mlbuild.graph.steps.process import log_file
+
+    path = log_file(s.db.state_dir, t.name, service)
+    if not path.exists():
+        if service not in s.project.services:
+            _service_of(s.project, service)
+        raise InvalidInput(f"service {service!r} has no log on target {t.name!r} yet",
+                           hint=f"deploy it first: mlbuild deploy {t.name}")
+    return path
 
 
 def down(directory=".", file=None, target: str | None = None) -> list[str]:
-    """Stop every service of a process target. Returns the services stopped."""
+    """Stop every service of a process or docker target. Returns the services stopped."""
     import shutil as _shutil
 
     from mlbuild.graph.steps.process import release_root, stop_release
 
     with session(directory, file, lock=True) as s:
-        t = _process_target(s.project, target)
+        t = _running_target(s.project, target)
+        if t.type == "docker":
+            return _down_docker(s, t)
         stopped = []
         for (_, name), dep in s.db.deployments(t.name).items():
             stop_release(s.project.root / dep["release"], dep.get("port"))
@@ -385,6 +472,27 @@ def down(directory=".", file=None, target: str | None = None) -> list[str]:
                                ignore_errors=True)
         s.db.forget_steps(f"process:{t.name}/")
         return stopped
+
+
+def _down_docker(s: Session, t) -> list[str]:
+    from mlbuild.backends.docker import connect
+    from mlbuild.graph.steps.container import container_name
+
+    eng = None
+    stopped = []
+    names = {sv.name for sv in s.project.services_for(t)} | \
+        {n for (_, n) in s.db.deployments(t.name)}
+    for name in sorted(names):
+        cname = container_name(s.project, name, t.name)
+        eng = eng or connect()
+        removed = False
+        for c in (cname, f"{cname}-next", f"{cname}-old"):
+            removed |= eng.remove_container(c, stop_timeout=10)
+        if removed or s.db.get_deployment(t.name, name):
+            stopped.append(name)
+        s.db.drop_deployment(t.name, name)
+    s.db.forget_steps(f"container:{t.name}/")
+    return stopped
 
 
 @dataclass
@@ -404,7 +512,7 @@ def invoke(service: str, data: bytes, directory=".", file=None, target: str | No
     from mlbuild.errors import StepFailed
 
     with session(directory, file) as s:
-        t = _process_target(s.project, target)
+        t = _running_target(s.project, target)
         svc = _service_of(s.project, service)
         dep = s.db.get_deployment(t.name, service)
         if dep is None:

@@ -158,7 +158,7 @@ def _run_verb(o: Obj, verb: str, target, force: bool):
     from mlbuild import api
 
     started = time.monotonic()
-    fn = api.deploy if verb == "deploy" else api.build
+    fn = {"deploy": api.deploy, "build": api.build, "push": api.push}[verb]
     r = fn(target=target, on_event=Reporter(o), force=force, **o.where)
     took = time.monotonic() - started
     if o.json:
@@ -172,7 +172,7 @@ def _run_verb(o: Obj, verb: str, target, force: bool):
     for x in r.outcomes:
         if x.kind == "package" and x.outputs:
             click.echo(f"  package: {x.outputs['dir']}")
-        elif x.kind == "process" and x.outputs:
+        elif x.kind in ("process", "container") and x.outputs:
             service = x.id.split("/", 1)[1]
             click.echo(f"  {service}: {x.outputs['url']}  (mlbuild invoke {service} "
                        f"-t {r.target.name} --data @FILE)")
@@ -197,14 +197,34 @@ def deploy(o: Obj, target, force):
 
 
 @cli.command()
+@click.argument("target", required=False)
+@click.option("--force", is_flag=True, help="Run every step, even those up to date.")
+@pass_obj
+def push(o: Obj, target, force):
+    """Build the images of a docker TARGET and push them to the registry."""
+    _run_verb(o, "push", target, force)
+
+
+@cli.command()
 @click.option("--packages", is_flag=True, help="Also remove package target directories.")
 @click.option("--all", "everything", is_flag=True,
               help="Remove all of .mlbuild, the model registry included.")
 @click.option("--yes", is_flag=True, help="Do not ask before --all.")
+@click.option("--images", is_flag=True,
+              help="Only remove the project's Docker images, but the newest --keep per service.")
+@click.option("--keep", type=click.IntRange(0), default=2, show_default=True,
+              help="Images kept per service with --images.")
 @pass_obj
-def clean(o: Obj, packages, everything, yes):
+def clean(o: Obj, packages, everything, yes, images, keep):
     """Remove build contexts and step records (the next deploy redoes every step)."""
     from mlbuild import api
+
+    if images:
+        removed = api.clean_images(keep=keep, **o.where)
+        if o.json:
+            return _emit_json({"removed": removed})
+        click.echo("removed " + ", ".join(removed) if removed else "nothing to remove")
+        return
 
     if everything and not yes:
         _need_terminal("--yes")
@@ -231,20 +251,21 @@ def _ago(ts: float | None) -> str:
 @click.argument("target", required=False)
 @pass_obj
 def status(o: Obj, target):
-    """State of the deployed services (default: of every process target).
+    """State of the deployed services (default: of every process and docker target).
 
     States: Healthy, Transitioning (init() running), Unhealthy (running, failing its
-    health check), Failed (exited; with its exit status), - (not deployed)."""
+    health check), Failed (exited or crash-looping; with its exit status), - (not
+    deployed)."""
     from mlbuild import api
 
     rows = api.status(target=target, **o.where)
     if o.json:
         return _emit_json([r.to_json() for r in rows])
     if not rows:
-        click.echo("no process targets")
+        click.echo("no process or docker targets")
         return
-    table = [("TARGET", "SERVICE", "STATE", "URL", "PID", "FINGERPRINT", "SINCE", "DETAIL")]
-    table += [(r.target, r.service, r.state, r.url or "-", str(r.pid or "-"),
+    table = [("TARGET", "SERVICE", "STATE", "URL", "PID/IMAGE", "FINGERPRINT", "SINCE", "DETAIL")]
+    table += [(r.target, r.service, r.state, r.url or "-", str(r.pid or r.image or "-"),
                r.fingerprint or "-", _ago(r.since), r.detail) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
@@ -253,44 +274,27 @@ def status(o: Obj, target):
 
 @cli.command()
 @click.argument("service")
-@click.option("-t", "--target", help="Process target (default: default_target).")
+@click.option("-t", "--target", help="Process or docker target (default: default_target).")
 @click.option("-n", "--tail", "lines", type=int, default=200, show_default=True,
               help="Lines to show (0: all).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
 @pass_obj
 def logs(o: Obj, service, target, lines, follow):
-    """Print the log of SERVICE on a process target."""
+    """Print the log of SERVICE on a process or docker target."""
     from mlbuild import api
-    from mlbuild.backends.process import tail
 
-    path = api.log_path(service, target=target, **o.where)
-    if lines:
-        for line in tail(path, lines):
+    try:
+        for line in api.logs(service, target=target, lines=lines, follow=follow, **o.where):
             click.echo(line)
-    else:
-        with open(path, "rb") as fh:
-            for raw in fh:
-                click.echo(raw.decode("utf-8", "replace").rstrip("\n"))
-    if not follow:
+    except KeyboardInterrupt:
         return
-    with open(path, "rb") as fh:
-        fh.seek(0, 2)
-        try:
-            while True:
-                chunk = fh.readline()
-                if chunk:
-                    click.echo(chunk.decode("utf-8", "replace").rstrip("\n"))
-                else:
-                    time.sleep(0.2)
-        except KeyboardInterrupt:
-            return
 
 
 @cli.command()
 @click.argument("target", required=False)
 @pass_obj
 def down(o: Obj, target):
-    """Stop the services of a process TARGET (their venvs and keys are kept)."""
+    """Stop the services of a process or docker TARGET (venvs, images and keys are kept)."""
     from mlbuild import api
 
     stopped = api.down(target=target, **o.where)
@@ -301,7 +305,7 @@ def down(o: Obj, target):
 
 @cli.command()
 @click.argument("service")
-@click.option("-t", "--target", help="Process target (default: default_target).")
+@click.option("-t", "--target", help="Process or docker target (default: default_target).")
 @click.option("-d", "--data", required=True, metavar="JSON|@FILE|-",
               help="Request body: inline text, @FILE to read a file, - for stdin.")
 @click.option("--content-type", default="application/json", show_default=True)

@@ -777,6 +777,34 @@ class DockerEngine:
                 return True
             raise StepFailed(f"docker rm {name}", _api_message(e)) from None
 
+    def stop_and_rename(self, name: str, new_name: str, *, stop_timeout: int = 10) -> None:
+        """Stop a container (kept, not removed) and give it another name.
+
+        Raises:
+            StepFailed: the engine refused.
+            EngineUnavailable: the engine stopped answering.
+        """
+        try:
+            with self._engine_errors():
+                self.api.stop(name, timeout=stop_timeout)
+                self.api.rename(name, new_name)
+        except self._errors.APIError as e:
+            raise StepFailed(f"docker rename {name}", _api_message(e)) from None
+
+    def rename_and_start(self, name: str, new_name: str) -> None:
+        """Give a stopped container another name and start it again.
+
+        Raises:
+            StepFailed: the engine refused.
+            EngineUnavailable: the engine stopped answering.
+        """
+        try:
+            with self._engine_errors():
+                self.api.rename(name, new_name)
+                self.api.start(new_name)
+        except self._errors.APIError as e:
+            raise StepFailed(f"docker start {new_name}", _api_message(e)) from None
+
     # -- plumbing ---------------------------------------------------------------------
 
     def _engine_errors(self):

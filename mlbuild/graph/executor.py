@@ -180,6 +180,10 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
                 outcome.reasons = reasons_for(rec.detail if rec else None, detail)
 
             if dry_run:
+                preview = getattr(step, "preview", None)
+                if preview is not None:
+                    outcome.reasons.append(
+                        preview(ctx, None if UNKNOWN in upstream_keys.values() else fp))
                 outcome.status = WOULD_RUN
                 keys[spec.id] = UNKNOWN
                 outcomes.append(outcome)

@@ -12,9 +12,13 @@ For a process target, a ``venv`` per environment and a ``process`` per service::
                                        ├─▶ process:dev/diabetes
     venv:sklearn ──────────────────────┘
 
-(docker adds ``image`` → ``push`` → ``deploy`` → ``health`` after ``context``;
-conda/pip locking adds ``lock:ENV`` before it. Those kinds come with later work;
-their targets are refused plainly until then.)
+For a docker target, an ``image`` per service, a ``push`` when the project names a
+registry, and a ``container`` per service::
+
+    model:ridge ──▶ context:diabetes ──▶ image:diabetes ──▶ push:diabetes ──▶ container:local/diabetes
+
+(conda/pip locking adds ``lock:ENV`` before ``context``; kubernetes targets come with
+later work and are refused plainly until then.)
 
 The graph is a ``networkx.DiGraph``. Importing networkx costs more than a whole
 no-op run may take, so the planned steps (topologically sorted) are cached in the
@@ -30,11 +34,10 @@ from mlbuild.graph.step import StepSpec
 from mlbuild.manifest.model import Project, Target
 from mlbuild.state.digest import hash_json
 
-PLANNER_VERSION = 2
+PLANNER_VERSION = 3
 
 # What each target type needs, and which later work brings what is missing.
 NOT_YET = {
-    "docker": "the docker target is not built yet (issue: Docker images and the docker target)",
     "kubernetes": "the kubernetes target is not built yet",
 }
 
@@ -75,6 +78,16 @@ def build_graph(project: Project, target: Target):
         if target.type == "package":
             add(StepSpec(f"package:{target.name}/{service.name}", "package",
                          {"service": service.name, "target": target.name}, [ctx_id]))
+        elif target.type == "docker":
+            image_id = f"image:{service.name}"
+            add(StepSpec(image_id, "image", {"service": service.name}, [ctx_id]))
+            last = image_id
+            if project.registry:
+                last = f"push:{service.name}"
+                add(StepSpec(last, "push", {"service": service.name}, [image_id]))
+            add(StepSpec(f"container:{target.name}/{service.name}", "container",
+                         {"service": service.name, "target": target.name},
+                         sorted({ctx_id, image_id, last})))
         elif target.type == "process":
             venv_id = f"venv:{service.environment}"
             add(StepSpec(venv_id, "venv", {"environment": service.environment}))

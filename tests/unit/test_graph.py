@@ -136,7 +136,7 @@ def test_target_services_subset(tmp_path):
         ["model:ridge", "context:a", "package:bundle/a"]
 
 
-@pytest.mark.parametrize("target, kind", [("local", "docker"), ("k8s", "kubernetes")])
+@pytest.mark.parametrize("target, kind", [("k8s", "kubernetes")])
 def test_unsupported_targets_refused_plainly(basic, target, kind):
     p = load(basic)
     with pytest.raises(NotSupported) as ei:
@@ -147,6 +147,15 @@ def test_unsupported_targets_refused_plainly(basic, target, kind):
     assert "\n" not in msg and "Traceback" not in msg
     assert "package" in ei.value.hint
     assert ei.value.exit_code == 3
+
+
+def test_docker_target_plan(basic):
+    p = load(basic)
+    ids = [s.id for s in plan_steps(p, p.target("local"))]
+    for svc in p.services_for(p.target("local")):
+        i, c = ids.index(f"image:{svc.name}"), ids.index(f"container:local/{svc.name}")
+        assert ids.index(f"context:{svc.name}") < i < c
+        assert (f"push:{svc.name}" in ids) == bool(p.registry)
 
 
 def test_process_target_plan(basic):
@@ -166,8 +175,8 @@ def test_unsupported_target_is_not_cached(basic):
     try:
         for _ in range(2):  # refused every time, not served from a cache
             with pytest.raises(NotSupported):
-                plan_steps(p, p.target("local"), db)
-        assert db.get_plan(planner.plan_key(p, p.target("local"))) is None
+                plan_steps(p, p.target("k8s"), db)
+        assert db.get_plan(planner.plan_key(p, p.target("k8s"))) is None
     finally:
         db.close()
 

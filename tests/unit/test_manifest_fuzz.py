@@ -120,6 +120,8 @@ def mutations(draw):
             parent[last]  # noqa: B018 - the path may be gone after an earlier mutation
         except (KeyError, IndexError, TypeError):
             continue
+        if not isinstance(parent, (dict, list)):
+            continue  # an earlier mutation made a string of it: "abc"[0] still indexes
         action = draw(st.sampled_from(["delete", "retype", "rename", "garbage"]))
         if action == "delete":
             del parent[last]

@@ -6,11 +6,13 @@ Kinds that later parts of mlbuild bring (``lock``, ``image``, ``push``, ``deploy
 
 from __future__ import annotations
 
+from mlbuild.graph.steps.container import ContainerStep
 from mlbuild.graph.steps.context import ContextStep
+from mlbuild.graph.steps.image import ImageStep, PushStep
 from mlbuild.graph.steps.model import ModelStep
 from mlbuild.graph.steps.package import PackageStep
 from mlbuild.graph.steps.process import ProcessStep
 from mlbuild.graph.steps.venv import VenvStep
 
 STEP_KINDS = {cls.kind: cls for cls in (ModelStep, ContextStep, PackageStep, VenvStep,
-                                        ProcessStep)}
+                                        ProcessStep, ImageStep, PushStep, ContainerStep)}

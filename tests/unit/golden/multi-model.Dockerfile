@@ -1,7 +1,7 @@
-# syntax=docker/dockerfile:1
 # Rendered by mlbuild <VERSION> for service compare of project multi-model.
 # Layers run from least to most often changed: base, system setup, environment,
-# serving runtime, models (biggest first, one layer each), then the source.
+# serving runtime, settings, models (biggest first, one layer each), then the source:
+# an edit of the entry script rebuilds the last layer only.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -13,7 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # A non-root user to run the service.
 RUN (getent group mlbuild || groupadd --system --gid 10001 mlbuild) \
  && (id -u mlbuild || useradd --system --uid 10001 --gid mlbuild --home-dir /var/mlbuild --no-create-home mlbuild) \
- && mkdir -p /var/mlbuild
+ && mkdir -p /var/mlbuild \
+ && chown mlbuild:mlbuild /var/mlbuild
 
 # The environment.
 COPY env/requirements.txt /opt/mlbuild-env/requirements.txt
@@ -23,14 +24,6 @@ RUN python -m pip install --requirement /opt/mlbuild-env/requirements.txt
 COPY runtime/mlbuild/runtime/requirements.txt /opt/mlbuild-env/runtime-requirements.txt
 RUN python -m pip install --requirement /opt/mlbuild-env/runtime-requirements.txt
 COPY runtime/ /opt/mlbuild/
-
-# Models.
-COPY models/lasso/1/ /var/mlbuild/models/lasso/1/
-COPY models/ridge/1/ /var/mlbuild/models/ridge/1/
-
-COPY samples/ /var/mlbuild/samples/
-# Source and entry script.
-COPY app/ /var/mlbuild/app/
 
 ENV PYTHONPATH=/opt/mlbuild \
     AML_APP_ROOT=/var/mlbuild/app \
@@ -54,3 +47,11 @@ EXPOSE 5001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5001/healthz/ready', timeout=2)"]
 CMD ["python", "-m", "mlbuild.runtime", "--host", "0.0.0.0", "--port", "5001"]
+
+# Models.
+COPY models/lasso/1/ /var/mlbuild/models/lasso/1/
+COPY models/ridge/1/ /var/mlbuild/models/ridge/1/
+
+COPY samples/ /var/mlbuild/samples/
+# Source and entry script.
+COPY app/ /var/mlbuild/app/

@@ -1,0 +1,233 @@
+"""``container`` steps: run a service's image on the Docker engine (the docker target).
+
+    image:diabetes ──▶ container:local/diabetes
+
+The container is ``<project>-<service>-<target>``, its port published on 127.0.0.1
+(``port``, ``port + 1``, ... for the target's services, as on a process target), with
+the target's CPU and memory limits, restart policy ``unless-stopped`` and labels
+naming the project, service, target and the step's fingerprint. Keys (``auth: key``)
+reach it as a read-only mounted file, never through the image or its environment.
+
+Replacing a running service:
+
+    1. a candidate ``NAME-next`` from the new image, on a free port; wait for ready
+       (its /healthz/ready answers 200). It fails or exits → removed, the old
+       container keeps serving, the step fails with its exit code and last log lines.
+    2. the old container is stopped (kept as ``NAME-old``), the new one started on the
+       service's port and waited for; it fails → removed, the old one started again.
+    3. the old one is removed.
+
+A port can be published by one container only, so step 2 has a short gap (the new
+container's start and init()); the candidate makes sure a broken release never gets
+that far. (A process target replaces without any gap, through SO_REUSEPORT.)
+
+Up to date means: the container exists, runs, and carries this step's fingerprint.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import time
+
+from mlbuild.backends import dockerapi
+from mlbuild.errors import StepFailed
+from mlbuild.graph.step import BuildContext, Step
+from mlbuild.graph.steps.context import CONTAINER_PORT
+from mlbuild.graph.steps.image import LABEL_FINGERPRINT, engine
+from mlbuild.graph.steps.process import keys_file, service_port
+from mlbuild.state import keys as keystore
+from mlbuild.state.digest import hash_json
+
+HOST = "127.0.0.1"
+KEYS_IN_CONTAINER = "/run/secrets/mlbuild-keys"
+READY_TIMEOUT = float(os.environ.get("MLBUILD_READY_TIMEOUT", "300"))
+
+
+def container_name(project, service: str, target: str) -> str:
+    return f"{project.name}-{service}-{target}"
+
+
+def _ready(port: int) -> bool:
+    conn = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        conn.request("GET", "/healthz/ready")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def wait_ready(eng, name: str, port: int, timeout: float):
+    """Wait until the container answers ready on ``port``. Returns None when it does,
+    else the ContainerState that explains why not (exited) or None-state on timeout."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        if _ready(port):
+            return None
+        n += 1
+        if n % 4 == 0:  # the engine is asked less often than the port
+            st = eng.container_state(name)
+            if st is None or not st.running or st.status == "restarting" or st.restart_count:
+                return st or "gone"
+        time.sleep(0.05)
+    return "timeout"
+
+
+class ContainerStep(Step):
+    kind = "container"
+    version = 1
+
+    def _service(self, ctx):
+        return ctx.project.services[self.params["service"]]
+
+    def config(self, ctx: BuildContext) -> dict:
+        t = ctx.target
+        s = self._service(ctx)
+        return {"name": ctx.project.name, f"targets.{t.name}": t.config(),
+                f"services.{s.name}.auth": s.auth}
+
+    def extra(self, ctx: BuildContext) -> dict:
+        s = self._service(ctx)
+        out = {"port": service_port(ctx.project, ctx.target, s.name)}
+        if s.auth == "key":
+            out["keys"] = hash_json(keystore.ensure(ctx.db, ctx.target.name, s.name))[:16]
+        return out
+
+    def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
+        name = outputs["container"]
+        try:
+            c = dockerapi.inspect("containers", name)
+        except dockerapi.Unavailable:
+            st = engine(ctx).container_state(name)
+            c = None if st is None else {"State": {"Running": st.running,
+                                                   "ExitCode": st.exit_code},
+                                         "Config": {"Labels": st.labels}}
+        if c is None:
+            return f"container {name} is gone"
+        if (c["Config"].get("Labels") or {}).get(LABEL_FINGERPRINT) != outputs["fingerprint"]:
+            return f"container {name} runs another release"
+        if not c["State"].get("Running"):
+            return f"container {name} is not running (exit status {c['State'].get('ExitCode')})"
+        return None
+
+    def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
+        project, target = ctx.project, ctx.target
+        s = self._service(ctx)
+        image = upstream[f"image:{s.name}"]["tag"]
+        context = upstream[f"context:{s.name}"]
+        name = container_name(project, s.name, target.name)
+        port = service_port(project, target, s.name)
+        eng = engine(ctx)
+        labels = {LABEL_FINGERPRINT: fingerprint, "dev.mlbuild.project": project.name,
+                  "dev.mlbuild.service": s.name, "dev.mlbuild.target": target.name}
+        env = {"MLBUILD_MODEL_DIR": context["env"]["MLBUILD_MODEL_DIR"],
+               "AZUREML_MODEL_DIR": context["env"]["MLBUILD_MODEL_DIR"]}
+        mounts = {}
+        if s.auth == "key":
+            kf = keys_file(ctx.state_dir, target.name, s.name)
+            keystore.write_file(kf, keystore.ensure(ctx.db, target.name, s.name))
+            # The folder stays 0700 (only we reach the file on this machine); the file
+            # itself must be readable by the container's non-root user.
+            os.chmod(kf, 0o644)
+            mounts[str(kf)] = KEYS_IN_CONTAINER
+            env["MLBUILD_AUTH_KEYS_FILE"] = KEYS_IN_CONTAINER
+        run_args = dict(env=env, labels=labels, cpus=target.cpu,
+                        memory=f"{int(target.memory_gb * 1024)}m" if target.memory_gb else None,
+                        mounts=mounts, step_id=self.id)
+
+        # 1. The candidate, on a free port.
+        candidate = f"{name}-next"
+        eng.remove_container(candidate, stop_timeout=2)
+        st = eng.run_container(candidate, image, ports={CONTAINER_PORT: None}, restart="no",
+                               **run_args)
+        cport = st.ports[f"{CONTAINER_PORT}/tcp"][0][1]
+        ctx.log(f"  starting    {candidate} from {image} (checking it on port {cport})")
+        self._wait_or_fail(eng, candidate, cport, had_old=eng.container_state(name) is not None)
+        eng.remove_container(candidate, stop_timeout=0)  # it served nobody: no need to wait
+
+        # 2. The swap.
+        old = eng.container_state(name)
+        parked = f"{name}-old"
+        if old is not None:
+            eng.remove_container(parked, stop_timeout=2)
+            eng.stop_and_rename(name, parked)
+        try:
+            eng.run_container(name, image, ports={CONTAINER_PORT: port}, restart="unless-stopped",
+                              host_ip=HOST, **run_args)
+            self._wait_or_fail(eng, name, port, had_old=old is not None)
+        except BaseException:
+            eng.remove_container(name, stop_timeout=2)
+            if old is not None:
+                eng.rename_and_start(parked, name)
+            raise
+        # 3. Done with the old one.
+        if old is not None:
+            eng.remove_container(parked, stop_timeout=0)  # stopped already
+        st = eng.container_state(name)
+        url = f"http://{HOST}:{port}"
+        ctx.db.put_deployment(target.name, s.name, {
+            "container": name, "id": st.id, "image": image, "url": url, "port": port,
+            "fingerprint": fingerprint, "started_at": time.time()})
+        return {"container": name, "id": st.id, "url": url, "image": image,
+                "fingerprint": fingerprint}
+
+    def _wait_or_fail(self, eng, name: str, port: int, had_old: bool) -> None:
+        why = wait_ready(eng, name, port, READY_TIMEOUT)
+        if why is None:
+            return
+        logs = eng.container_logs(name, tail=20).rstrip().splitlines()
+        eng.remove_container(name, stop_timeout=2)
+        if why == "timeout":
+            what = f"Transitioning: not ready after {READY_TIMEOUT:.0f} s (MLBUILD_READY_TIMEOUT)"
+        elif why == "gone":
+            what = "Failed: the container vanished"
+        else:
+            what = f"Failed: the new container exited with status {why.exit_code}"
+            if why.oom_killed:
+                what += " (killed: out of memory; raise the target's memory_gb)"
+        kept = "the previous container keeps serving" if had_old else "nothing is serving"
+        raise StepFailed(self.id, f"{what}; {kept}. Last lines of its log:\n    "
+                         + "\n    ".join(logs[-20:]),
+                         hint="fix the error above and deploy again")
+
+    def summary(self, outputs: dict) -> str:
+        return f"Healthy at {outputs['url']} ({outputs['container']})"
+
+
+def observe(dep: dict) -> tuple[str, str]:
+    """The state of a recorded docker deployment and a few words of detail."""
+    from mlbuild.backends import process as proc
+
+    name = dep["container"]
+    try:
+        c = dockerapi.inspect("containers", name)
+    except dockerapi.Unavailable:
+        from mlbuild.backends.docker import connect
+
+        st = connect().container_state(name)
+        c = None if st is None else {
+            "State": {"Status": st.status, "Running": st.running, "ExitCode": st.exit_code,
+                      "OOMKilled": st.oom_killed},
+            "RestartCount": st.restart_count, "Config": {"Labels": st.labels}}
+    if c is None:
+        return proc.FAILED, f"container {name} is gone (removed outside mlbuild)"
+    state = c["State"]
+    if (c["Config"].get("Labels") or {}).get(LABEL_FINGERPRINT) != dep["fingerprint"]:
+        return proc.UNHEALTHY, f"container {name} was replaced outside mlbuild"
+    restarts = c.get("RestartCount", 0)
+    if state.get("Status") == "restarting" or (restarts >= 3 and not _ready(dep["port"])):
+        return proc.FAILED, f"crash loop: restarted {restarts} times, last exit status " \
+                            f"{state.get('ExitCode')}"
+    if not state.get("Running"):
+        why = " (out of memory)" if state.get("OOMKilled") else ""
+        return proc.FAILED, f"exited with status {state.get('ExitCode')}{why}"
+    code = proc.probe(f"{dep['url']}/healthz/ready")
+    if code == 200:
+        return proc.HEALTHY, f"restarted {restarts} times" if restarts else ""
+    if code == 503:
+        return proc.TRANSITIONING, "init() still running"
+    return proc.UNHEALTHY, "does not answer health checks" if code is None \
+        else f"answers health checks with {code}"

@@ -1,0 +1,141 @@
+"""``image`` and ``push`` steps: a service's image, named after its content.
+
+    context:diabetes ──▶ image:diabetes ──▶ push:diabetes (when a registry is set)
+
+The tag is ``[<registry>/]<project>-<service>:<fingerprint[:16]>``. The fingerprint
+covers the build context's digest (Dockerfile, environment spec, runtime, models,
+source), so two checkouts of the same commit name the same tag. Before building:
+
+    tag in the engine        → nothing to do
+    tag in the registry      → pull it (a fresh CI machine pulls instead of building)
+    otherwise                → docker build (the classic builder: cache hits per step)
+
+Up to date means the recorded tag is still in the engine (one cheap API call).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mlbuild.backends import dockerapi
+from mlbuild.graph.step import BuildContext, Step
+
+LABEL_FINGERPRINT = "dev.mlbuild.fingerprint"
+
+
+def engine(ctx: BuildContext):
+    """The run's Docker engine connection, made on first use and shared by the steps."""
+    eng = ctx.options.get("_docker")
+    if eng is None:
+        from mlbuild.backends.docker import connect
+
+        eng = ctx.options["_docker"] = connect()
+    return eng
+
+
+def repository(project, service: str) -> str:
+    repo = f"{project.name}-{service}"
+    return f"{project.registry.rstrip('/')}/{repo}" if project.registry else repo
+
+
+def image_tag(project, service: str, fingerprint: str) -> str:
+    return f"{repository(project, service)}:{fingerprint.split(':')[-1][:16]}"
+
+
+def image_present(tag: str) -> bool | None:
+    """Is ``tag`` in the engine? None when the engine cannot be asked cheaply."""
+    try:
+        return dockerapi.inspect("images", tag) is not None
+    except dockerapi.Unavailable:
+        return None
+
+
+class ImageStep(Step):
+    kind = "image"
+    version = 1
+
+    def config(self, ctx: BuildContext) -> dict:
+        return {"name": ctx.project.name, "registry": ctx.project.registry}
+
+    def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
+        present = image_present(outputs["tag"])
+        if present is None:
+            present = engine(ctx).image_exists(outputs["tag"])
+        return None if present else f"image {outputs['tag']} is not in the engine"
+
+    def preview(self, ctx: BuildContext, fingerprint: str | None) -> str:
+        """What ``run`` would do, for ``mlbuild plan``."""
+        if fingerprint is None:
+            return "will build (its context changes)"
+        tag = image_tag(ctx.project, self.params["service"], fingerprint)
+        if image_present(tag):
+            return f"{tag} is in the engine: nothing to build"
+        if ctx.project.registry:
+            try:
+                if engine(ctx).registry_has(tag):
+                    return f"will pull {tag} from the registry"
+            except Exception as e:  # plan must not fail on a registry hiccup
+                return f"will build {tag} (registry not reachable: {e})"
+        return f"will build {tag}"
+
+    def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
+        service = self.params["service"]
+        project = ctx.project
+        context = upstream[f"context:{service}"]
+        tag = image_tag(project, service, fingerprint)
+        eng = engine(ctx)
+        built = cached = 0
+        if eng.image_exists(tag):
+            how = "present"
+        elif project.registry and eng.registry_has(tag):
+            ctx.log(f"  pulling     {tag}")
+            eng.pull(tag, retries=3)
+            how = "pulled"
+        else:
+            log_path = ctx.state_dir / "logs" / f"build-{service}.log"
+
+            def progress(ev) -> None:
+                # Steps that ran are shown as they finish; cache hits are counted in
+                # the summary (and listed in the build log).
+                if ev.status == "done":
+                    ctx.log(f"    [{ev.step}/{ev.total}] {ev.instruction[:72]}")
+
+            res = eng.build(project.root / context["dir"], tag, log_path=log_path,
+                            labels={LABEL_FINGERPRINT: fingerprint},
+                            progress_cb=progress, step_id=self.id)
+            how, built, cached = "built", res.built, res.cached
+        info = eng.image_info(tag)
+        return {"tag": tag, "image_id": info.id, "how": how, "built": built, "cached": cached,
+                "size": info.size,
+                "log": os.path.relpath(ctx.state_dir / "logs" / f"build-{service}.log",
+                                       project.root) if how == "built" else None}
+
+    def identity(self, outputs: dict):
+        return outputs["tag"]
+
+    def summary(self, outputs: dict) -> str:
+        mb = outputs["size"] / 1e6
+        if outputs["how"] == "built":
+            return (f"built {outputs['tag']} ({outputs['built']} steps run, "
+                    f"{outputs['cached']} cached; {mb:.0f} MB)")
+        return f"{outputs['how']} {outputs['tag']} ({mb:.0f} MB)"
+
+
+class PushStep(Step):
+    kind = "push"
+    version = 1
+
+    def config(self, ctx: BuildContext) -> dict:
+        return {"registry": ctx.project.registry}
+
+    def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
+        tag = upstream[f"image:{self.params['service']}"]["tag"]
+        eng = engine(ctx)
+        digest = eng.push(tag, retries=3)
+        return {"tag": tag, "digest": digest}
+
+    def identity(self, outputs: dict):
+        return outputs["digest"]
+
+    def summary(self, outputs: dict) -> str:
+        return f"pushed {outputs['tag']} ({outputs['digest'][:19]})"

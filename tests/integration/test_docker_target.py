@@ -1,0 +1,200 @@
+"""The docker target on the real engine and registry: deploy the demo and score through
+the published port; no-op; an edit of score.py rebuilds one layer and replaces the
+container; a new model reuses the environment layers; push, remove, deploy → pulled;
+a broken release leaves the old container serving; a killed container shows Failed.
+
+One project (examples/diabetes, trained once) is deployed through the module, in the
+order of the tests: each test starts from the state the one before left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.docker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Project:
+    def __init__(self, root: Path, port: int):
+        self.root = root
+        self.url = f"http://127.0.0.1:{port}"
+
+    def mlbuild(self, *args, check: int | None = 0, timeout: float = 900):
+        r = subprocess.run([sys.executable, "-m", "mlbuild", *args], cwd=self.root,
+                           capture_output=True, text=True, timeout=timeout)
+        if check is not None:
+            assert r.returncode == check, f"mlbuild {' '.join(args)} -> {r.returncode}\n" \
+                                          f"{r.stdout}\n{r.stderr}"
+        return r
+
+    def deploy(self, check: int = 0) -> dict:
+        r = self.mlbuild("--json", "deploy", "local", check=check)
+        return json.loads(r.stdout) if check == 0 else {"stderr": r.stderr}
+
+    def status(self) -> dict:
+        return json.loads(self.mlbuild("--json", "status", "local").stdout)[0]
+
+    def key(self) -> str:
+        return json.loads(self.mlbuild("--json", "keys", "diabetes", "-t", "local").stdout)["primary"]
+
+    def score(self) -> tuple[int, bytes]:
+        body = (self.root / "samples/input.json").read_bytes()
+        req = urllib.request.Request(self.url + "/score", data=body, headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {self.key()}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+
+def step(out: dict, sid: str) -> dict:
+    return next(s for s in out["steps"] if s["id"] == sid)
+
+
+def ran(out: dict) -> list[str]:
+    return [s["id"] for s in out["steps"] if s["status"] == "ran"]
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory, docker_client, registry, base_image, run_id):
+    root = tmp_path_factory.mktemp("docker") / "diabetes"
+    shutil.copytree(REPO / "examples/diabetes", root,
+                    ignore=shutil.ignore_patterns("*.pkl", "dist", ".mlbuild", "__pycache__"))
+    (root / "models").mkdir(exist_ok=True)
+    subprocess.run([sys.executable, str(root / "train.py")], check=True, capture_output=True,
+                   timeout=300)
+    port = free_port()
+    m = root / "mlproject.yaml"
+    text = m.read_text().replace("name: diabetes", f"name: it{run_id}\nregistry: {registry}/it-{run_id}")
+    m.write_text(re.sub(r"local:\s*\{type: docker, port: \d+\}",
+                        f"local: {{type: docker, port: {port}, memory_gb: 1, cpu: 1}}", text))
+    p = Project(root, port)
+    yield p
+    p.mlbuild("down", "local", check=None)
+    p.mlbuild("clean", "--images", "--keep", "0", check=None)
+
+
+def layers(client, tag: str) -> list[str]:
+    return client.images.get(tag).attrs["RootFS"]["Layers"]
+
+
+def test_deploy_and_score(proj, docker_client):
+    out = proj.deploy()
+    assert step(out, "image:diabetes")["status"] == "ran"
+    assert step(out, "push:diabetes")["status"] == "ran"
+    st = proj.status()
+    assert st["state"] == "Healthy" and st["url"] == proj.url
+    code, body = proj.score()
+    assert code == 200 and len(json.loads(body)) == 2
+    attrs = docker_client.containers.get(_name(proj)).attrs
+    assert attrs["Config"]["User"] == "mlbuild"
+    assert attrs["HostConfig"]["Memory"] == 1024 * 1024 * 1024
+    assert attrs["HostConfig"]["NanoCpus"] == 10**9
+    # The key reaches the container as a mounted file, never through its environment.
+    assert not any(proj.key() in e for e in attrs["Config"]["Env"])
+    assert not any(proj.key() in v for v in attrs["Config"]["Labels"].values())
+
+
+def _name(proj) -> str:
+    text = (proj.root / "mlproject.yaml").read_text()
+    project = re.search(r"^name: (\S+)", text, re.M).group(1)
+    return f"{project}-diabetes-local"
+
+
+def test_noop_deploy_builds_and_restarts_nothing(proj, docker_client):
+    before = docker_client.containers.get(_name(proj)).attrs
+    out = proj.deploy()
+    assert ran(out) == []
+    after = docker_client.containers.get(_name(proj)).attrs
+    assert after["Id"] == before["Id"] and after["State"]["StartedAt"] == before["State"]["StartedAt"]
+    assert after["RestartCount"] == 0
+
+
+def test_edit_score_rebuilds_one_layer_and_replaces_the_container(proj, docker_client):
+    old_id = docker_client.containers.get(_name(proj)).id
+    old_tag = proj.status()["image"]
+    score = proj.root / "src/score.py"
+    score.write_text(score.read_text() + "\n# an edit\n")
+    out = proj.deploy()
+    assert ran(out) == ["context:diabetes", "image:diabetes", "push:diabetes",
+                        "container:local/diabetes"]
+    new_tag = proj.status()["image"]
+    a, b = layers(docker_client, old_tag), layers(docker_client, new_tag)
+    assert len(a) == len(b) and a[:-1] == b[:-1] and a[-1] != b[-1]  # the app layer only
+    assert docker_client.containers.get(_name(proj)).id != old_id
+    assert proj.score()[0] == 200
+
+
+def test_new_model_reuses_the_environment_layers(proj, docker_client):
+    old_tag = proj.status()["image"]
+    model = proj.root / "models/sklearn_regression_model.pkl"
+    with open(model, "ab") as fh:
+        fh.write(b"\0")  # new bytes: a new version; still loads
+    out = proj.deploy()
+    assert "model:ridge" in ran(out)
+    image = step(out, "image:diabetes")
+    assert image["status"] == "ran"
+    a, b = layers(docker_client, old_tag), layers(docker_client, proj.status()["image"])
+    n_env = 6  # base, user, env spec, pip install, runtime reqs + install, runtime
+    assert a[:n_env - 1] == b[:n_env - 1]
+    assert a[-3:] != b[-3:]
+    assert proj.score()[0] == 200
+
+
+def test_pushed_image_is_pulled_not_built(proj, docker_client):
+    tag = proj.status()["image"]
+    proj.mlbuild("down", "local")
+    docker_client.images.remove(tag, force=True)
+    out = proj.deploy()
+    image = step(out, "image:diabetes")
+    assert image["status"] == "ran" and image["summary"].startswith("pulled ")
+    assert proj.score()[0] == 200
+
+
+def test_failing_init_keeps_the_old_container_serving(proj, docker_client):
+    old_id = docker_client.containers.get(_name(proj)).id
+    score = proj.root / "src/score.py"
+    good = score.read_text()
+    score.write_text(good.replace("def init():\n", "def init():\n    raise RuntimeError('boom')\n"))
+    try:
+        r = proj.mlbuild("deploy", "local", check=1)
+        assert "Failed" in r.stderr and "RuntimeError: boom" in r.stderr
+        assert "the previous container keeps serving" in r.stderr
+        assert "Traceback" not in r.stderr.split("Last lines")[0]
+        assert docker_client.containers.get(_name(proj)).id == old_id
+        assert proj.score()[0] == 200
+        assert proj.status()["state"] == "Healthy"
+        names = [c.name for c in docker_client.containers.list(all=True)]
+        assert not any(n.endswith("-next") for n in names)
+    finally:
+        score.write_text(good)
+
+
+def test_killed_container_shows_failed_and_deploy_restarts_it(proj, docker_client):
+    proj.deploy()
+    docker_client.containers.get(_name(proj)).kill()
+    st = proj.status()
+    assert st["state"] == "Failed" and "137" in st["detail"], st
+    out = proj.deploy()
+    assert "not running" in step(out, "container:local/diabetes")["reasons"][0]
+    assert proj.status()["state"] == "Healthy"
+    assert proj.mlbuild("logs", "diabetes", "-t", "local", "-n", "5").stdout.strip()
