@@ -159,12 +159,18 @@ def graph(directory=".", file=None, target: str | None = None, fmt: str = "text"
         return render_graph(_steps(s, t), fmt)
 
 
-def _run(directory, file, target, kinds, on_event, force) -> RunResult:
+def _run(directory, file, target, kinds, on_event, force, image_tar=False) -> RunResult:
     from mlbuild.graph.executor import execute
+    from mlbuild.graph.planner import image_tar_steps
 
     with session(directory, file, lock=True) as s:
         t = s.project.target(target)
         specs = _steps(s, t, kinds)
+        if image_tar:
+            if t.type != "package":
+                raise InvalidInput(f"--image-tar: target {t.name!r} is of type {t.type}",
+                                   hint="--image-tar goes with a package target")
+            specs += image_tar_steps(s.project, t)
         result = RunResult(t, [])
         result.outcomes = execute(s.context(t), specs, force=force, on_event=on_event)
         return result
@@ -177,9 +183,14 @@ def build(directory=".", file=None, target: str | None = None, on_event=None,
 
 
 def deploy(directory=".", file=None, target: str | None = None, on_event=None,
-           force: bool = False) -> RunResult:
-    """Bring ``target`` (default: the manifest's default_target) up to date."""
-    return _run(directory, file, target, None, on_event, force)
+           force: bool = False, image_tar: bool = False) -> RunResult:
+    """Bring ``target`` (default: the manifest's default_target) up to date.
+
+    Args:
+        image_tar: (package targets) also build each service's image and write it as
+            ``<out>/<service>.image.tar``.
+    """
+    return _run(directory, file, target, None, on_event, force, image_tar)
 
 
 def push(directory=".", file=None, target: str | None = None, on_event=None,
@@ -303,6 +314,10 @@ def clean(directory=".", file=None, packages: bool = False, everything: bool = F
             for sub in sorted((root / t.out).iterdir()):
                 if sub.is_dir() and (sub / "mlbuild-package.json").is_file():
                     shutil.rmtree(sub)
+                    removed.append(f"{t.out}/{sub.name}")
+                elif sub.name.endswith(".image.tar") and \
+                        sub.name.removesuffix(".image.tar") in project.services:
+                    sub.unlink()  # written by deploy --image-tar
                     removed.append(f"{t.out}/{sub.name}")
             try:
                 (root / t.out).rmdir()  # only when nothing else is left in it

@@ -154,12 +154,12 @@ class Reporter:
             click.echo(f"  FAILED      {x.id}", err=True)
 
 
-def _run_verb(o: Obj, verb: str, target, force: bool):
+def _run_verb(o: Obj, verb: str, target, force: bool, **extra):
     from mlbuild import api
 
     started = time.monotonic()
     fn = {"deploy": api.deploy, "build": api.build, "push": api.push}[verb]
-    r = fn(target=target, on_event=Reporter(o), force=force, **o.where)
+    r = fn(target=target, on_event=Reporter(o), force=force, **extra, **o.where)
     took = time.monotonic() - started
     if o.json:
         return _emit_json({"target": r.target.name, "seconds": round(took, 3),
@@ -172,6 +172,8 @@ def _run_verb(o: Obj, verb: str, target, force: bool):
     for x in r.outcomes:
         if x.kind == "package" and x.outputs:
             click.echo(f"  package: {x.outputs['dir']}")
+        elif x.kind == "imagetar" and x.outputs:
+            click.echo(f"  image:   {x.outputs['file']}  (docker load -i {x.outputs['file']})")
         elif x.kind in ("process", "container") and x.outputs:
             service = x.id.split("/", 1)[1]
             click.echo(f"  {service}: {x.outputs['url']}  (mlbuild invoke {service} "
@@ -190,10 +192,12 @@ def build(o: Obj, target, force):
 @cli.command()
 @click.argument("target", required=False)
 @click.option("--force", is_flag=True, help="Run every step, even those up to date.")
+@click.option("--image-tar", is_flag=True,
+              help="Package targets: also build each image and save it as OUT/SERVICE.image.tar.")
 @pass_obj
-def deploy(o: Obj, target, force):
+def deploy(o: Obj, target, force, image_tar):
     """Bring TARGET (default: default_target) up to date."""
-    _run_verb(o, "deploy", target, force)
+    _run_verb(o, "deploy", target, force, image_tar=image_tar)
 
 
 @cli.command()

@@ -128,6 +128,18 @@ def service_steps(project: Project, service: str) -> list[StepSpec]:
     return specs
 
 
+def image_tar_steps(project: Project, target: Target) -> list[StepSpec]:
+    """What ``deploy PACKAGE-TARGET --image-tar`` adds: each service's image, saved."""
+    out = []
+    for service in project.services_for(target):
+        image_id = f"image:{service.name}"
+        out.append(StepSpec(image_id, "image", {"service": service.name},
+                            [f"context:{service.name}"]))
+        out.append(StepSpec(f"imagetar:{target.name}/{service.name}", "imagetar",
+                            {"service": service.name, "target": target.name}, [image_id]))
+    return out
+
+
 def select(specs: list[StepSpec], kinds: set[str]) -> list[StepSpec]:
     """The steps of the given kinds and everything they depend on."""
     by_id = {s.id: s for s in specs}

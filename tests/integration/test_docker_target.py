@@ -198,3 +198,16 @@ def test_killed_container_shows_failed_and_deploy_restarts_it(proj, docker_clien
     assert "not running" in step(out, "container:local/diabetes")["reasons"][0]
     assert proj.status()["state"] == "Healthy"
     assert proj.mlbuild("logs", "diabetes", "-t", "local", "-n", "5").stdout.strip()
+
+
+def test_package_with_image_tar(proj):
+    import tarfile
+
+    r = proj.mlbuild("deploy", "bundle", "--image-tar")
+    tar = proj.root / "dist/package/diabetes.image.tar"
+    assert f"docker load -i dist/package/diabetes.image.tar" in r.stdout
+    with tarfile.open(tar) as tf:
+        assert "manifest.json" in tf.getnames()
+    assert proj.mlbuild("--json", "deploy", "bundle", "--image-tar").stdout.count('"ran"') == 0
+    proj.mlbuild("clean", "--packages")
+    assert not tar.exists()

@@ -127,6 +127,10 @@ def case_multi_model(tmp: Path) -> Path:
                                              "models/lasso.pkl": b"lasso" * 20})
 
 
+def case_onnx_nocode(tmp: Path) -> Path:
+    return copy_example("onnx-nocode", tmp, {"models/iris.onnx": b"onnx" * 10})
+
+
 def case_nocode(tmp: Path) -> Path:
     return make_project(tmp / "nocode", NOCODE, {
         "models/clf.pkl": b"fake classifier",
@@ -155,6 +159,7 @@ CASES = {
     "diabetes": (case_diabetes, "diabetes"),
     "multi-model": (case_multi_model, "compare"),
     "nocode-sklearn": (case_nocode, "classify"),
+    "onnx-nocode": (case_onnx_nocode, "iris"),
     "conda": (case_conda, "scorer"),
     "packages-py310": (case_packages, "api"),
 }

@@ -139,3 +139,35 @@ class PushStep(Step):
 
     def summary(self, outputs: dict) -> str:
         return f"pushed {outputs['tag']} ({outputs['digest'][:19]})"
+
+
+class ImageTarStep(Step):
+    """``deploy PACKAGE-TARGET --image-tar``: the built image as ``docker save`` output
+    beside the package directory (``<out>/<service>.image.tar``), for those who want
+    to download the image rather than build it. ``docker load -i`` reads it."""
+
+    kind = "imagetar"
+    version = 1
+
+    def _path(self, ctx: BuildContext):
+        return ctx.project.root / ctx.target.out / f"{self.params['service']}.image.tar"
+
+    def config(self, ctx: BuildContext) -> dict:
+        return {f"targets.{ctx.target.name}.out": ctx.target.out}
+
+    def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
+        try:
+            size = self._path(ctx).stat().st_size
+        except OSError:
+            return f"output {outputs['file']} missing"
+        return None if size == outputs["size"] else f"output {outputs['file']} was modified"
+
+    def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
+        tag = upstream[f"image:{self.params['service']}"]["tag"]
+        path = self._path(ctx)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = engine(ctx).save_image(tag, path)
+        return {"file": os.path.relpath(path, ctx.project.root), "size": size, "tag": tag}
+
+    def summary(self, outputs: dict) -> str:
+        return f"{outputs['file']} ({outputs['size'] / 1e6:.0f} MB, {outputs['tag']})"
