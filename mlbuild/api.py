@@ -7,6 +7,7 @@ Verbs that change state take the project lock; read-only verbs do not.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -171,6 +172,8 @@ def _run(directory, file, target, kinds, on_event, force, image_tar=False) -> Ru
                 raise InvalidInput(f"--image-tar: target {t.name!r} is of type {t.type}",
                                    hint="--image-tar goes with a package target")
             specs += image_tar_steps(s.project, t)
+        if kinds is None and t.type in RUNNING_TYPES:
+            prune_removed_services(s, t)
         result = RunResult(t, [])
         result.outcomes = execute(s.context(t), specs, force=force, on_event=on_event)
         return result
@@ -295,16 +298,37 @@ def clean(directory=".", file=None, packages: bool = False, everything: bool = F
     state_dir = root / STATE_DIR
     if everything:
         if state_dir.exists():
-            with _state(state_dir, lock=True):
+            with _state(state_dir, lock=True) as db:
+                running = sorted(f"{t}/{svc}" for (t, svc) in db.deployments())
+                if running:
+                    # Removing the state would leave them running, unknown to mlbuild.
+                    targets = sorted({r.split("/")[0] for r in running})
+                    raise InvalidInput(
+                        "services still run: " + ", ".join(running),
+                        hint="stop them first: " + "; ".join(f"mlbuild down {t}"
+                                                             for t in targets))
                 shutil.rmtree(state_dir / "contexts", ignore_errors=True)
             shutil.rmtree(state_dir, ignore_errors=True)
             removed.append(STATE_DIR)
     elif state_dir.exists():
         with _state(state_dir, lock=True) as db:
-            for sub in ("contexts", "logs"):
-                if (state_dir / sub).exists():
-                    shutil.rmtree(state_dir / sub)
-                    removed.append(f"{STATE_DIR}/{sub}")
+            if (state_dir / "contexts").exists():
+                shutil.rmtree(state_dir / "contexts")
+                removed.append(f"{STATE_DIR}/contexts")
+            # Logs, but those running services still write to.
+            live = {root / d["log"] for d in db.deployments().values() if d.get("log")}
+            logs = state_dir / "logs"
+            if logs.exists():
+                for dirpath, _, names in os.walk(logs, topdown=False):
+                    for n in names:
+                        if Path(dirpath, n) not in live:
+                            os.unlink(Path(dirpath, n))
+                    try:
+                        os.rmdir(dirpath)
+                    except OSError:
+                        pass  # holds a live log
+                removed.append(f"{STATE_DIR}/logs" + (" (but running services' logs)"
+                                                       if live else ""))
             db.forget_steps()
     if project is not None:
         # Only folders mlbuild wrote (they hold its package manifest) are removed.
@@ -463,51 +487,97 @@ def _log_path(s: Session, t, service: str) -> Path:
 
 
 def down(directory=".", file=None, target: str | None = None) -> list[str]:
-    """Stop every service of a process or docker target. Returns the services stopped."""
-    import shutil as _shutil
+    """Stop every service of a process or docker target. Returns the services stopped.
 
-    from mlbuild.graph.steps.process import release_root, stop_release
+    Works from the recorded deployments, so a manifest that no longer loads (or no
+    longer names the target or the service) does not keep anything running; only the
+    default target needs the manifest.
+    """
+    from mlbuild.errors import ManifestError
+    from mlbuild.manifest import find_manifest, load_project
 
-    with session(directory, file, lock=True) as s:
-        t = _running_target(s.project, target)
-        if t.type == "docker":
-            return _down_docker(s, t)
-        stopped = []
-        for (_, name), dep in s.db.deployments(t.name).items():
-            stop_release(s.project.root / dep["release"], dep.get("port"))
-            s.db.drop_deployment(t.name, name)
-            stopped.append(name)
-        # Releases nobody recorded (a deploy killed while waiting for health) too.
-        run_dir = s.db.state_dir / "run" / t.name
-        if run_dir.is_dir():
-            for svc_dir in run_dir.iterdir():
-                for rel in (list(svc_dir.iterdir()) if svc_dir.is_dir() else []):
-                    stop_release(rel)
-                _shutil.rmtree(release_root(s.db.state_dir, t.name, svc_dir.name),
-                               ignore_errors=True)
-        s.db.forget_steps(f"process:{t.name}/")
-        return stopped
+    manifest = find_manifest(Path(directory), file)
+    project = None
+    try:
+        project = load_project(manifest)
+    except ManifestError:
+        if target is None:
+            raise
+    name = target or _running_target(project, None).name
+    state_dir = manifest.parent / STATE_DIR
+    if not state_dir.exists():
+        if project is not None:
+            _running_target(project, name)
+        return []
+    with _state(state_dir, lock=True) as db:
+        deps = db.deployments(name)
+        if not deps and project is not None:
+            _running_target(project, name)  # a target neither recorded nor declared
+        stopped = [svc for (_, svc), dep in deps.items()
+                   if _stop_deployment(manifest.parent, db, name, svc, dep)]
+        stopped += [svc for svc in _stop_strays(manifest.parent, state_dir, project, name)
+                    if svc not in stopped]
+        db.forget_steps(f"process:{name}/")
+        db.forget_steps(f"container:{name}/")
+        return sorted(stopped)
 
 
-def _down_docker(s: Session, t) -> list[str]:
-    from mlbuild.backends.docker import connect
-    from mlbuild.graph.steps.container import container_name
+def _stop_deployment(root: Path, db: StateDB, target: str, service: str, dep: dict) -> bool:
+    """Stop one recorded deployment and forget it. True (it was recorded as running)."""
+    from mlbuild.graph.steps.process import stop_release
 
-    eng = None
-    stopped = []
-    names = {sv.name for sv in s.project.services_for(t)} | \
-        {n for (_, n) in s.db.deployments(t.name)}
-    for name in sorted(names):
-        cname = container_name(s.project, name, t.name)
-        eng = eng or connect()
-        removed = False
-        for c in (cname, f"{cname}-next", f"{cname}-old"):
-            removed |= eng.remove_container(c, stop_timeout=10)
-        if removed or s.db.get_deployment(t.name, name):
-            stopped.append(name)
-        s.db.drop_deployment(t.name, name)
-    s.db.forget_steps(f"container:{t.name}/")
-    return stopped
+    if "container" in dep:
+        from mlbuild.backends.docker import connect
+
+        eng = connect()
+        for c in (dep["container"], f"{dep['container']}-next", f"{dep['container']}-old"):
+            eng.remove_container(c, stop_timeout=10)
+    else:
+        stop_release(root / dep["release"])
+    db.drop_deployment(target, service)
+    return True
+
+
+def _stop_strays(root: Path, state_dir: Path, project, target: str) -> list[str]:
+    """Stop what a killed deploy may have left unrecorded; returns those services."""
+    import shutil as sh
+
+    from mlbuild.graph.steps.process import stop_stray_releases
+
+    found = []
+    run_dir = state_dir / "run" / target
+    if run_dir.is_dir():
+        for svc_dir in run_dir.iterdir():
+            if stop_stray_releases(svc_dir, keep=set()):
+                found.append(svc_dir.name)
+        sh.rmtree(run_dir, ignore_errors=True)
+    t = project.targets.get(target) if project is not None else None
+    if t is not None and t.type == "docker":
+        from mlbuild.backends.docker import connect
+        from mlbuild.graph.steps.container import container_name
+
+        eng = connect()
+        for svc in project.services_for(t):
+            cname = container_name(project, svc.name, target)
+            for c in (cname, f"{cname}-next", f"{cname}-old"):
+                if eng.remove_container(c, stop_timeout=10):
+                    found.append(svc.name)
+    return found
+
+
+def prune_removed_services(s: Session, t, say=_say) -> list[str]:
+    """Stop the services recorded on ``t`` that it no longer deploys (renamed or
+    removed in the manifest), so their ports are free for the others."""
+    keep = {svc.name for svc in s.project.services_for(t)}
+    gone = []
+    for (_, svc), dep in s.db.deployments(t.name).items():
+        if svc not in keep:
+            _stop_deployment(s.project.root, s.db, t.name, svc, dep)
+            s.db.forget_steps(f"process:{t.name}/{svc}")
+            s.db.forget_steps(f"container:{t.name}/{svc}")
+            say(f"  stopped     {svc}  (no longer deployed to target {t.name})")
+            gone.append(svc)
+    return gone
 
 
 @dataclass
@@ -533,7 +603,15 @@ def invoke(service: str, data: bytes, directory=".", file=None, target: str | No
         if dep is None:
             raise InvalidInput(f"service {service!r} is not deployed to target {t.name!r}",
                                hint=f"run mlbuild deploy {t.name}")
-        keys = s.db.get_keys(t.name, service) if svc.auth == "key" else None
+        keys = None
+        if svc.auth == "key":
+            # The keys the running release was started with (a regenerated key applies
+            # at the next deploy), else the current ones.
+            from mlbuild.graph.steps.process import keys_file
+            from mlbuild.runtime.config import read_keys_file
+
+            kf = keys_file(s.db.state_dir, t.name, service)
+            keys = read_keys_file(str(kf)) if kf.exists() else s.db.get_keys(t.name, service)
     u = urlsplit(dep["url"])
     headers = {"Content-Type": content_type}
     if keys:

@@ -590,6 +590,7 @@ def main(argv=None) -> None:
     """Entry point of the ``mlbuild`` console script and ``python -m mlbuild``."""
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGHUP, _sigterm)  # a closed terminal stops us cleanly too
     try:
         cli.main(args=argv, prog_name="mlbuild", standalone_mode=False)
         code = EXIT_OK

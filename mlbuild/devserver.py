@@ -47,8 +47,18 @@ def _changed(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the server gets SIGTERM when ``mlbuild serve`` dies (even by kill -9)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _start(dev) -> subprocess.Popen:
-    return subprocess.Popen(dev.argv, env=dev.env, cwd=dev.cwd, start_new_session=False)
+    return subprocess.Popen(dev.argv, env=dev.env, cwd=dev.cwd, preexec_fn=_die_with_parent)
 
 
 def _stop(child: subprocess.Popen | None) -> None:
@@ -63,7 +73,14 @@ def _stop(child: subprocess.Popen | None) -> None:
 
 
 def run_with_reload(dev, prepare: Callable[[], object], say: Callable[[str], None]) -> None:
-    """Serve until Ctrl-C, restarting after every change of ``dev.watch``."""
+    """Serve until Ctrl-C (a normal end: returns), restarting after every change of
+    ``dev.watch``.
+
+    Raises:
+        StepFailed: the server cannot listen (its port is taken): no edit fixes that.
+    """
+    from mlbuild.errors import StepFailed
+
     seen = snapshot(dev.watch)
     child = _start(dev)
     reported_exit = False
@@ -71,6 +88,9 @@ def run_with_reload(dev, prepare: Callable[[], object], say: Callable[[str], Non
         while True:
             time.sleep(POLL_SECONDS)
             if child is not None and child.poll() is not None and not reported_exit:
+                if child.returncode == 1:  # the runtime's "cannot listen"
+                    raise StepFailed("serve", "the server cannot listen (see its message "
+                                              "above)", hint="choose another --port")
                 say(f"the server exited with status {child.returncode}; "
                     "waiting for a change to restart it")
                 reported_exit = True
@@ -91,5 +111,7 @@ def run_with_reload(dev, prepare: Callable[[], object], say: Callable[[str], Non
             seen = snapshot(dev.watch)
             child = _start(dev)
             reported_exit = False
+    except KeyboardInterrupt:
+        say("stopped")
     finally:
         _stop(child)

@@ -44,6 +44,8 @@ FAILED = "Failed"
 
 READY_FILE = "ready.json"
 EXIT_FILE = "exit"
+PGID_FILE = "pgid"
+LOG_ROTATE_BYTES = 10 * 1024 * 1024
 _WRAPPER = '"$@"; echo $? > "$0"'
 
 
@@ -52,6 +54,9 @@ def port_available(host: str, port: int) -> bool:
 
     True when the port is free or held by listeners that set SO_REUSEPORT (an earlier
     release of ours); False when another program holds it.
+
+    Raises:
+        OSError: the port cannot be bound for another reason (a privileged port).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -60,7 +65,7 @@ def port_available(host: str, port: int) -> bool:
         try:
             s.bind((host, port))
         except OSError as e:
-            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            if e.errno == errno.EADDRINUSE:
                 return False
             raise
     return True
@@ -90,8 +95,13 @@ def start(release: Path, argv: list[str], env: dict[str, str], log_path: Path,
           cwd: Path) -> Started:
     """Start ``argv`` in the background, in its own session, logging to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (READY_FILE, EXIT_FILE):
+    for stale in (READY_FILE, EXIT_FILE, PGID_FILE):
         (release / stale).unlink(missing_ok=True)
+    try:  # one older log is kept: the log does not grow without end
+        if log_path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(log_path, log_path.with_name(log_path.name + ".1"))
+    except FileNotFoundError:
+        pass
     with open(log_path, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting release "
                   f"{release.name}\n".encode())
@@ -100,10 +110,46 @@ def start(release: Path, argv: list[str], env: dict[str, str], log_path: Path,
             ["sh", "-c", _WRAPPER, str(release / EXIT_FILE), *argv],
             cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
+    # Written at once, so a release can be found and stopped even before it is ready
+    # (a deploy killed while init() runs).
+    (release / PGID_FILE).write_text(str(popen.pid))
     return Started(popen, release)
 
 
+def release_group(release: Path) -> int | None:
+    """The process group started for ``release``, while any of it still runs."""
+    try:
+        pgid = int((release / PGID_FILE).read_text())
+    except (OSError, ValueError):
+        pgid = None
+    if pgid is not None:
+        try:
+            args = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
+            if str(release / EXIT_FILE).encode() in args and _group_alive(pgid, None):
+                return pgid
+        except OSError:
+            pass
+    # The wrapper is gone (it was killed alone): find the group through the runtime.
+    ready = read_ready(release)
+    if ready and ready.get("pid") and is_runtime(ready["pid"], ready.get("port")):
+        try:
+            return os.getpgid(ready["pid"])
+        except ProcessLookupError:
+            return None
+    if pgid is not None and _group_alive(pgid, None):
+        # The wrapper exited (its runtime was killed), a worker may linger: check that
+        # the group's members belong to this release before signalling them.
+        for member in _members(pgid):
+            try:
+                if os.readlink(f"/proc/{member}/cwd").startswith(str(release)):
+                    return pgid
+            except OSError:
+                continue
+    return None
+
+
 def read_ready(release: Path) -> dict | None:
+    """The ready file the runtime wrote (pid, port, health_port), or None."""
     try:
         return json.loads((release / READY_FILE).read_text())
     except (OSError, ValueError):
@@ -111,6 +157,8 @@ def read_ready(release: Path) -> dict | None:
 
 
 def read_exit(release: Path) -> int | None:
+    """The exit status the wrapper recorded, or None while the runtime runs (or when
+    it was killed together with its wrapper)."""
     try:
         return int((release / EXIT_FILE).read_text().strip())
     except (OSError, ValueError):
@@ -134,7 +182,8 @@ def wait_ready(proc: Started, timeout: float, tick: Callable[[float], None] | No
             return HEALTHY, ready
         rc = proc.popen.poll()
         if rc is not None:
-            return FAILED, read_exit(proc.release) if read_exit(proc.release) is not None else rc
+            status = read_exit(proc.release)
+            return FAILED, rc if status is None else status
         now = time.monotonic()
         if now - started > timeout:
             return TRANSITIONING, None
@@ -143,6 +192,21 @@ def wait_ready(proc: Started, timeout: float, tick: Callable[[float], None] | No
             next_tick = now + 5
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
+
+
+def _members(pgid: int) -> list[int]:
+    """Pids of the group's processes that still run (zombies do not count)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
 
 
 def _group_alive(pgid: int, popen: subprocess.Popen | None) -> bool:
@@ -156,16 +220,7 @@ def _group_alive(pgid: int, popen: subprocess.Popen | None) -> bool:
         return False
     except PermissionError:
         return True
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return bool(_members(pgid))
 
 
 def stop(pgid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None) -> None:

@@ -355,6 +355,7 @@ class _Builder:
             return {"dev": EMBEDDED_DEFAULT_TARGET}
         out = {}
         ports: dict[int, str] = {}
+        ranges: dict[str, range] = {}
         outs: dict[str, str] = {}
         for name, t in declared.items():
             base = ("targets", name)
@@ -375,14 +376,19 @@ class _Builder:
                 used = range(port, port + max(n, 1))
                 clash = next((p for p in used if p in ports), None)
                 if clash is not None:
+                    other = ranges[ports[clash]]
                     self.add(base + ("port",),
                              f"port {clash} is already used by target {ports[clash]!r}"
-                             + (f" (its services use {port}-{used[-1]})" if n > 1 else ""))
+                             + (f" (its services use {other[0]}-{other[-1]})"
+                                if len(other) > 1 else "")
+                             + (f" (this target's services need {port}-{used[-1]})"
+                                if n > 1 else ""))
                 elif used[-1] > 65535:
                     self.add(base + ("port",), f"{n} services need ports {port}-{used[-1]}, "
                                                "past 65535")
                 else:
                     ports.update((p, name) for p in used)
+                    ranges[name] = used
             out_dir = None
             if ttype == "package":
                 written = t.get("out", f"dist/{name}")

@@ -13,6 +13,7 @@ written by a newer mlbuild, raises :class:`StateError` naming the file to delete
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -111,7 +112,10 @@ class StateDB:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            # Only its owner may read it: it holds the services' auth keys.
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.state_dir.stat().st_mode & 0o077:
+                os.chmod(self.state_dir, 0o700)
         except OSError as e:
             raise StateError(f"cannot create the state folder {self.state_dir}: {e.strerror}") from e
         self._depth = 0

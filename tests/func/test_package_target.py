@@ -147,9 +147,12 @@ def test_graph_formats(cli: CLI):
     assert mm.startswith("graph LR")
 
 
-def test_target_not_built_yet_says_so(cli: CLI):
-    r = cli("deploy", "local", check=3)
-    assert "docker target is not built yet" in r.stderr
+def test_target_not_built_yet_says_so(cli: CLI, diabetes: Path):
+    m = diabetes / "mlproject.yaml"
+    m.write_text(m.read_text().replace(
+        "targets:\n", "targets:\n  staging: {type: kubernetes, namespace: ml}\n"))
+    r = cli("deploy", "staging", check=3)
+    assert "kubernetes target is not built yet" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -263,10 +263,10 @@ targets:
 """)
     assert problems(proj, two + "  local: {type: docker, port: 8891}\n") == [
         "mlproject.yaml:19: targets.local.port: port 8891 is already used by target 'dev' "
-        "(its services use 8891-8892)"]
+        "(its services use 8890-8891) (this target's services need 8891-8892)"]
     assert problems(proj, two + "  local: {type: docker, port: 8889}\n") == [
         "mlproject.yaml:19: targets.local.port: port 8890 is already used by target 'dev' "
-        "(its services use 8889-8890)"]
+        "(its services use 8890-8891) (this target's services need 8889-8890)"]
     assert problems(proj, two.replace("port: 8890", "port: 65535")) == [
         "mlproject.yaml:18: targets.dev.port: 2 services need ports 65535-65536, past 65535"]
 

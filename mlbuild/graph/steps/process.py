@@ -35,6 +35,8 @@ from mlbuild.state.digest import hash_json
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = float(os.environ.get("MLBUILD_READY_TIMEOUT", "300"))
+# In-flight requests get this long to finish when a release is stopped.
+GRACEFUL_TIMEOUT = float(os.environ.get("MLBUILD_GRACEFUL_TIMEOUT", "30"))
 _SAMPLES_ROOT = "/var/mlbuild/samples"
 
 
@@ -55,15 +57,28 @@ def release_root(state_dir: Path, target: str, service: str) -> Path:
     return state_dir / "run" / target / service
 
 
-def stop_release(release: Path, port: int | None = None) -> None:
-    """Stop the process of a release folder (if it still runs) and remove the folder."""
-    ready = proc.read_ready(release)
-    if ready and ready.get("pid") and proc.is_runtime(ready["pid"], port or ready.get("port")):
-        try:
-            proc.stop(os.getpgid(ready["pid"]))
-        except ProcessLookupError:
-            pass
+def stop_release(release: Path) -> bool:
+    """Stop the processes of a release folder (ready or not) and remove the folder.
+
+    Waits up to the graceful timeout for in-flight requests, then kills. Returns True
+    when something was running.
+    """
+    pgid = proc.release_group(release)
+    if pgid is not None:
+        proc.stop(pgid, timeout=GRACEFUL_TIMEOUT + 5)
     shutil.rmtree(release, ignore_errors=True)
+    return pgid is not None
+
+
+def stop_stray_releases(root: Path, keep: set[Path]) -> int:
+    """Stop and remove the releases under ``root`` other than ``keep`` (a deploy killed
+    while it waited leaves one behind). Returns how many were running."""
+    n = 0
+    if root.is_dir():
+        for other in root.iterdir():
+            if other not in keep:
+                n += stop_release(other)
+    return n
 
 
 class ProcessStep(Step):
@@ -91,8 +106,10 @@ class ProcessStep(Step):
         if dep is None or dep.get("release") != outputs["release"]:
             return "not running (stopped by mlbuild down)"
         if not proc.is_runtime(dep["pid"], dep["port"]):
-            state, why = proc.observe(self._abs(ctx, dep))
+            _, why = proc.observe(self._abs(ctx, dep))
             return f"process {dep['pid']} is not running ({why})"
+        if proc.probe(f"{dep['url']}/healthz/live", timeout=5) != 200:
+            return f"process {dep['pid']} does not answer (hung?)"
         return None
 
     @staticmethod
@@ -113,20 +130,30 @@ class ProcessStep(Step):
         old = ctx.db.get_deployment(target.name, s.name)
 
         # Releases nobody recorded (a deploy killed while waiting) are stopped first.
-        if root.is_dir():
-            for other in root.iterdir():
-                if other != release and (old is None or rel(other) != old.get("release")):
-                    stop_release(other, port)
+        stop_stray_releases(root, keep={release} | (
+            {project.root / old["release"]} if old else set()))
 
         # Only our own running release may hold the port (SO_REUSEPORT would let a
         # second project's runtime share it silently).
         ours = old is not None and old.get("port") == port and \
             proc.is_runtime(old.get("pid") or 0, port)
-        if not proc.port_available(HOST, port) or (not ours and proc.listening(HOST, port)):
+        try:
+            free = proc.port_available(HOST, port)
+        except OSError as e:
+            raise StepFailed(self.id, f"{proc.UNSCHEDULABLE}: cannot listen on {HOST}:{port}: "
+                                      f"{e.strerror}",
+                             hint="ports below 1024 need privileges: choose another port "
+                                  f"(targets.{target.name}.port)") from None
+        if not free or (not ours and proc.listening(HOST, port)):
+            holder = next((f"service {svc!r} of target {t!r}, deployed by mlbuild"
+                           for (t, svc), d in ctx.db.deployments().items()
+                           if d.get("port") == port and (t, svc) != (target.name, s.name)),
+                          "another program")
             raise StepFailed(self.id, f"{proc.UNSCHEDULABLE}: port {port} on {HOST} is in use "
-                                      "by another program",
-                             hint=f"stop that program, or give target {target.name!r} another "
-                                  f"port (targets.{target.name}.port)")
+                                      f"by {holder}",
+                             hint=f"stop it (mlbuild down TARGET for a service of this "
+                                  f"project), or give target {target.name!r} another port "
+                                  f"(targets.{target.name}.port)")
 
         # The release: hard links of the context, less what only an image build needs.
         ctx_dir = project.root / context["dir"]
@@ -162,7 +189,8 @@ class ProcessStep(Step):
             env["MLBUILD_AUTH_KEYS_FILE"] = str(kf)
 
         python = project.root / venv["dir"] / venv["python"]
-        argv = [str(python), "-m", "mlbuild.runtime", "--host", HOST, "--port", str(port)]
+        argv = [str(python), "-m", "mlbuild.runtime", "--host", HOST, "--port", str(port),
+                "--graceful-timeout", f"{GRACEFUL_TIMEOUT:g}"]
         log = log_file(state_dir, target.name, s.name)
         url = f"http://{HOST}:{port}"
         ctx.log(f"  starting    {s.name} on {url} (log: {rel(log)})")
@@ -184,7 +212,8 @@ class ProcessStep(Step):
             else:
                 what = f"{proc.TRANSITIONING}: not ready after {READY_TIMEOUT:.0f} s " \
                        "(MLBUILD_READY_TIMEOUT)"
-            kept = "the previous release keeps serving" if old else "nothing is serving"
+            alive = old is not None and proc.is_runtime(old.get("pid") or 0, old.get("port"))
+            kept = "the previous release keeps serving" if alive else "nothing is serving"
             raise StepFailed(self.id, f"{what}; {kept}. Last lines of {rel(log)}:\n    "
                              + "\n    ".join(lines[-20:]),
                              hint=f"fix the error above and deploy again; mlbuild logs {s.name}"
@@ -195,7 +224,7 @@ class ProcessStep(Step):
                "fingerprint": fingerprint, "started_at": time.time(), "log": rel(log)}
         ctx.db.put_deployment(target.name, s.name, dep)
         if old is not None and old.get("release") != dep["release"]:
-            stop_release(project.root / old["release"], old.get("port"))
+            stop_release(project.root / old["release"])
         return {"url": url, "pid": dep["pid"], "release": dep["release"], "port": port}
 
     def summary(self, outputs: dict) -> str:

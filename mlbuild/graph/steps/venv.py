@@ -91,8 +91,16 @@ class VenvStep(Step):
         final = self._dir(ctx, fingerprint)
         final.parent.mkdir(parents=True, exist_ok=True)
         fsutil.remove_stale_staging(final.parent)
+        marker = hash_json({"fingerprint": fingerprint})
         if final.exists():
-            shutil.rmtree(final)  # not recorded (else we would not run): unfinished
+            try:
+                if (final / MARKER).read_text() == marker:
+                    # Complete (its record was lost, e.g. by mlbuild clean), and a
+                    # running service may use it: keep it.
+                    return self._outputs(ctx, final)
+            except OSError:
+                pass
+            shutil.rmtree(final)  # unfinished
         stage = fsutil.staging_dir(final)
         log_path = ctx.state_dir / "logs" / f"venv-{env.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,16 +135,19 @@ class VenvStep(Step):
                                               "again" if cmd[1] != "venv" else
                                               f"install Python {python}, or drop "
                                               f"environments.{env.name}.python")
-            py = stage / "bin" / "python"
-            version = subprocess.run([str(py), "-c", "import sys; print(sys.version.split()[0])"],
-                                     capture_output=True, text=True, check=True).stdout.strip()
-            (stage / MARKER).write_text(hash_json({"fingerprint": fingerprint}))
+            (stage / MARKER).write_text(marker)
             os.rename(stage, final)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         self._prune(ctx, keep=final)
-        return {"dir": os.path.relpath(final, project.root).replace(os.sep, "/"),
+        return self._outputs(ctx, final)
+
+    def _outputs(self, ctx: BuildContext, final: Path) -> dict:
+        version = subprocess.run([str(final / "bin" / "python"), "-c",
+                                  "import sys; print(sys.version.split()[0])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        return {"dir": os.path.relpath(final, ctx.project.root).replace(os.sep, "/"),
                 "python": "bin/python", "python_version": version}
 
     def _prune(self, ctx: BuildContext, keep: Path) -> None:
