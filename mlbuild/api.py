@@ -160,7 +160,8 @@ def graph(directory=".", file=None, target: str | None = None, fmt: str = "text"
         return render_graph(_steps(s, t), fmt)
 
 
-def _run(directory, file, target, kinds, on_event, force, image_tar=False) -> RunResult:
+def _run(directory, file, target, kinds, on_event, force, image_tar=False,
+         jobs: int = 1) -> RunResult:
     from mlbuild.graph.executor import execute
     from mlbuild.graph.planner import image_tar_steps
 
@@ -175,29 +176,30 @@ def _run(directory, file, target, kinds, on_event, force, image_tar=False) -> Ru
         if kinds is None and t.type in RUNNING_TYPES:
             prune_removed_services(s, t)
         result = RunResult(t, [])
-        result.outcomes = execute(s.context(t), specs, force=force, on_event=on_event)
+        result.outcomes = execute(s.context(t), specs, force=force, on_event=on_event,
+                                  jobs=jobs)
         return result
 
 
 def build(directory=".", file=None, target: str | None = None, on_event=None,
-          force: bool = False) -> RunResult:
+          force: bool = False, jobs: int = 1) -> RunResult:
     """Build what ``target`` needs (models and build contexts; images for docker)."""
-    return _run(directory, file, target, {"context", "image"}, on_event, force)
+    return _run(directory, file, target, {"context", "image"}, on_event, force, jobs=jobs)
 
 
 def deploy(directory=".", file=None, target: str | None = None, on_event=None,
-           force: bool = False, image_tar: bool = False) -> RunResult:
+           force: bool = False, image_tar: bool = False, jobs: int = 1) -> RunResult:
     """Bring ``target`` (default: the manifest's default_target) up to date.
 
     Args:
         image_tar: (package targets) also build each service's image and write it as
             ``<out>/<service>.image.tar``.
     """
-    return _run(directory, file, target, None, on_event, force, image_tar)
+    return _run(directory, file, target, None, on_event, force, image_tar, jobs)
 
 
 def push(directory=".", file=None, target: str | None = None, on_event=None,
-         force: bool = False) -> RunResult:
+         force: bool = False, jobs: int = 1) -> RunResult:
     """Build the images of a docker target and push them to the project's registry."""
     with session(directory, file) as s:
         t = s.project.target(target)
@@ -207,7 +209,7 @@ def push(directory=".", file=None, target: str | None = None, on_event=None,
         if not s.project.registry:
             raise InvalidInput(f"{s.project.manifest_path.name}: no registry to push to",
                                hint="set registry: HOST[:PORT][/PATH] in the manifest")
-    return _run(directory, file, target, {"push"}, on_event, force)
+    return _run(directory, file, target, {"push"}, on_event, force, jobs=jobs)
 
 
 def clean_images(directory=".", file=None, keep: int = 2) -> list[str]:

@@ -183,10 +183,12 @@ def _run_verb(o: Obj, verb: str, target, force: bool, **extra):
 @cli.command()
 @click.argument("target", required=False)
 @click.option("--force", is_flag=True, help="Run every step, even those up to date.")
+@click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Build up to N images at once.")
 @pass_obj
-def build(o: Obj, target, force):
+def build(o: Obj, target, force, jobs):
     """Build what TARGET needs (models, build contexts, images) without deploying."""
-    _run_verb(o, "build", target, force)
+    _run_verb(o, "build", target, force, jobs=jobs)
 
 
 @cli.command()
@@ -194,19 +196,23 @@ def build(o: Obj, target, force):
 @click.option("--force", is_flag=True, help="Run every step, even those up to date.")
 @click.option("--image-tar", is_flag=True,
               help="Package targets: also build each image and save it as OUT/SERVICE.image.tar.")
+@click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Build up to N images at once.")
 @pass_obj
-def deploy(o: Obj, target, force, image_tar):
+def deploy(o: Obj, target, force, image_tar, jobs):
     """Bring TARGET (default: default_target) up to date."""
-    _run_verb(o, "deploy", target, force, image_tar=image_tar)
+    _run_verb(o, "deploy", target, force, image_tar=image_tar, jobs=jobs)
 
 
 @cli.command()
 @click.argument("target", required=False)
 @click.option("--force", is_flag=True, help="Run every step, even those up to date.")
+@click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Build up to N images at once.")
 @pass_obj
-def push(o: Obj, target, force):
+def push(o: Obj, target, force, jobs):
     """Build the images of a docker TARGET and push them to the registry."""
-    _run_verb(o, "push", target, force)
+    _run_verb(o, "push", target, force, jobs=jobs)
 
 
 @cli.command()

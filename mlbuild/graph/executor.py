@@ -113,9 +113,22 @@ def reasons_for(old: dict | None, new: dict) -> list[str]:
     return reasons or ["fingerprint changed"]
 
 
+# Step kinds that may run side by side with -j N: they touch only their own outputs
+# (and the engine), never the state database, while they run.
+PARALLEL_KINDS = frozenset({"image"})
+
+
+def _timed(step: Step, ctx: BuildContext, upstream: dict, fp: str):
+    started = time.monotonic()
+    try:
+        return step.run(ctx, upstream, fp), None, time.monotonic() - started
+    except Exception as e:  # re-raised in order by the main loop
+        return None, e, time.monotonic() - started
+
+
 def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
             force: bool = False, on_event: Callable[[str, Outcome], None] | None = None,
-            ) -> list[Outcome]:
+            jobs: int = 1) -> list[Outcome]:
     """Run (or, with ``dry_run``, judge) the steps. Stops at the first failure.
 
     Args:
@@ -125,6 +138,9 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
         force: run every step even when up to date.
         on_event: called with ("start", outcome) before a step runs and ("end", outcome)
             after each step is decided or finished.
+        jobs: with more than 1, the steps of PARALLEL_KINDS whose inputs are ready run
+            in up to ``jobs`` threads (independent image builds); their results are
+            recorded, and their errors raised, in the plan's order.
 
     Returns:
         One Outcome per step, in order. A failed step has status FAILED and the steps
@@ -137,6 +153,29 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
     outputs: dict[str, dict] = {}
     outcomes: list[Outcome] = []
     records = ctx.db.all_steps()
+    ran_ahead: dict[str, tuple] = {}  # step id -> (outputs, error, duration)
+
+    def run_ahead(i: int, first: tuple) -> None:
+        """Run ``first`` and the later parallel steps whose inputs are ready, together."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        batch = [first]
+        for sj in specs[i + 1:]:
+            if sj.kind not in PARALLEL_KINDS or any(keys.get(d, UNKNOWN) == UNKNOWN
+                                                    for d in sj.deps):
+                continue
+            step_j = make_step(sj)
+            fp_j = hash_json(compute_detail(step_j, ctx, {d: keys[d] for d in sj.deps}))
+            rec_j = records.get(sj.id)
+            if not force and rec_j is not None and rec_j.fingerprint == fp_j and \
+                    step_j.check_outputs(ctx, rec_j.outputs) is None:
+                continue  # up to date: decided again, cheaply, in its turn
+            batch.append((sj, step_j, fp_j))
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {sp.id: pool.submit(_timed, st, ctx, {d: outputs[d] for d in sp.deps}, f)
+                       for sp, st, f in batch}
+        for sid, fut in futures.items():
+            ran_ahead[sid] = fut.result()
 
     def fail(i: int, outcome: Outcome, err: MlbuildError, message: str, started: float) -> None:
         """Record the failed step and the ones after it, on the error too."""
@@ -194,8 +233,16 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
 
             emit("start", outcome)
             started = time.monotonic()
+            if jobs > 1 and spec.kind in PARALLEL_KINDS and spec.id not in ran_ahead:
+                run_ahead(i, (spec, step, fp))
             try:
-                out = step.run(ctx, {d: outputs[d] for d in spec.deps}, fp)
+                if spec.id in ran_ahead:
+                    out, error, took = ran_ahead.pop(spec.id)
+                    started = time.monotonic() - took
+                    if error is not None:
+                        raise error
+                else:
+                    out = step.run(ctx, {d: outputs[d] for d in spec.deps}, fp)
             except MlbuildError as e:
                 fail(i, outcome, e, e.message, started)
                 raise

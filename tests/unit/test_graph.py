@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -693,3 +694,86 @@ def test_fingerprint_changes_with_content(tmp_path):
     fa, fb = _fps(run(a, dry_run=True)), _fps(run(b, dry_run=True))
     assert fa["model:ridge"] == fb["model:ridge"]
     assert fa["context:svc"] != fb["context:svc"]
+
+
+# -- -j: parallel steps -------------------------------------------------------------------
+
+class _Sleepy:
+    """A stand-in step kind that records when it ran."""
+
+    kind = "image"
+    version = 1
+    templates = ()
+    log: list = []
+
+    def __init__(self, spec):
+        self.spec, self.id, self.params = spec, spec.id, spec.params
+
+    def config(self, ctx):
+        return {"n": self.params["n"]}
+
+    def inputs(self, ctx):
+        return {}
+
+    def extra(self, ctx):
+        return {}
+
+    def check_outputs(self, ctx, outputs):
+        return None
+
+    def run(self, ctx, upstream, fp):
+        import threading
+
+        start = time.monotonic()
+        if self.params.get("fail"):
+            raise StepFailed(self.id, "boom")
+        time.sleep(0.3)
+        _Sleepy.log.append((self.id, start, time.monotonic(), threading.get_ident()))
+        return {"n": self.params["n"]}
+
+    def identity(self, outputs):
+        return outputs
+
+    def summary(self, outputs):
+        return ""
+
+
+def _sleepy_specs(n, fail=None):
+    return [StepSpec(f"image:s{i}", "image", {"n": i, "fail": i == fail}) for i in range(n)]
+
+
+def test_jobs_run_independent_images_side_by_side(basic, monkeypatch):
+    from mlbuild.graph import executor
+
+    monkeypatch.setitem(executor.STEP_KINDS, "image", _Sleepy)
+    _Sleepy.log = []
+    o = Opened(basic)
+    try:
+        out = executor.execute(o.ctx("bundle"), _sleepy_specs(3), jobs=3)
+    finally:
+        o.close()
+    assert [x.id for x in out] == ["image:s0", "image:s1", "image:s2"]  # plan order
+    assert {x.status for x in out} == {RAN}
+    spans = sorted((s, e) for _, s, e, _ in _Sleepy.log)
+    assert spans[1][0] < spans[0][1] and spans[2][0] < spans[0][1]  # overlapped
+    assert len({t for *_, t in _Sleepy.log}) == 3
+    o = Opened(basic)
+    try:  # recorded: a second run finds them up to date
+        again = executor.execute(o.ctx("bundle"), _sleepy_specs(3), jobs=3)
+    finally:
+        o.close()
+    assert {x.status for x in again} == {UP_TO_DATE}
+
+
+def test_jobs_failure_is_raised_in_plan_order_and_others_recorded(basic, monkeypatch):
+    from mlbuild.graph import executor
+
+    monkeypatch.setitem(executor.STEP_KINDS, "image", _Sleepy)
+    o = Opened(basic)
+    try:
+        with pytest.raises(StepFailed) as ei:
+            executor.execute(o.ctx("bundle"), _sleepy_specs(3, fail=1), jobs=3)
+        statuses_ = {x.id: x.status for x in ei.value.outcomes}
+        assert statuses_ == {"image:s0": RAN, "image:s1": FAILED, "image:s2": NOT_RUN}
+    finally:
+        o.close()

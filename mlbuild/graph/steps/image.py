@@ -98,7 +98,7 @@ class ImageStep(Step):
                 # Steps that ran are shown as they finish; cache hits are counted in
                 # the summary (and listed in the build log).
                 if ev.status == "done":
-                    ctx.log(f"    [{ev.step}/{ev.total}] {ev.instruction[:72]}")
+                    ctx.log(f"    {service} [{ev.step}/{ev.total}] {ev.instruction[:64]}")
 
             res = eng.build(project.root / context["dir"], tag, log_path=log_path,
                             labels={LABEL_FINGERPRINT: fingerprint},
