@@ -161,7 +161,7 @@ def graph(directory=".", file=None, target: str | None = None, fmt: str = "text"
 
 
 def _run(directory, file, target, kinds, on_event, force, image_tar=False,
-         jobs: int = 1) -> RunResult:
+         jobs: int = 1, frozen: bool = False) -> RunResult:
     from mlbuild.graph.executor import execute
     from mlbuild.graph.planner import image_tar_steps
 
@@ -176,26 +176,29 @@ def _run(directory, file, target, kinds, on_event, force, image_tar=False,
         if kinds is None and t.type in RUNNING_TYPES:
             prune_removed_services(s, t)
         result = RunResult(t, [])
-        result.outcomes = execute(s.context(t), specs, force=force, on_event=on_event,
-                                  jobs=jobs)
+        frozen = frozen or os.environ.get("MLBUILD_FROZEN") == "1"
+        result.outcomes = execute(s.context(t, {"frozen": frozen}), specs, force=force,
+                                  on_event=on_event, jobs=jobs)
         return result
 
 
 def build(directory=".", file=None, target: str | None = None, on_event=None,
-          force: bool = False, jobs: int = 1) -> RunResult:
+          force: bool = False, jobs: int = 1, frozen: bool = False) -> RunResult:
     """Build what ``target`` needs (models and build contexts; images for docker)."""
-    return _run(directory, file, target, {"context", "image"}, on_event, force, jobs=jobs)
+    return _run(directory, file, target, {"context", "image"}, on_event, force, jobs=jobs,
+                frozen=frozen)
 
 
 def deploy(directory=".", file=None, target: str | None = None, on_event=None,
-           force: bool = False, image_tar: bool = False, jobs: int = 1) -> RunResult:
+           force: bool = False, image_tar: bool = False, jobs: int = 1,
+           frozen: bool = False) -> RunResult:
     """Bring ``target`` (default: the manifest's default_target) up to date.
 
     Args:
         image_tar: (package targets) also build each service's image and write it as
             ``<out>/<service>.image.tar``.
     """
-    return _run(directory, file, target, None, on_event, force, image_tar, jobs)
+    return _run(directory, file, target, None, on_event, force, image_tar, jobs, frozen)
 
 
 def push(directory=".", file=None, target: str | None = None, on_event=None,
@@ -210,6 +213,32 @@ def push(directory=".", file=None, target: str | None = None, on_event=None,
             raise InvalidInput(f"{s.project.manifest_path.name}: no registry to push to",
                                hint="set registry: HOST[:PORT][/PATH] in the manifest")
     return _run(directory, file, target, {"push"}, on_event, force, jobs=jobs)
+
+
+def lock(directory=".", file=None, environment: str | None = None, upgrade: bool = False,
+         on_event=None) -> list:
+    """Lock the pip environments (or one): re-resolve those whose spec changed; with
+    ``upgrade``, move every package to the newest version the spec allows."""
+    from mlbuild.graph.executor import execute
+    from mlbuild.graph.step import StepSpec
+    from mlbuild.manifest.suggest import did_you_mean
+
+    with session(directory, file, lock=True) as s:
+        p = s.project
+        names = [e.name for e in p.environments.values() if e.kind != "conda"]
+        if environment is not None:
+            if environment not in p.environments:
+                raise InvalidInput(f"no environment {environment!r} in "
+                                   f"{p.manifest_path.name}"
+                                   + did_you_mean(environment, p.environments))
+            if environment not in names:
+                raise InvalidInput(f"environment {environment!r} is a conda environment: "
+                                   "locking those is not built yet")
+            names = [environment]
+        specs = [StepSpec(f"lock:{n}", "lock", {"environment": n}) for n in names]
+        t = next(iter(p.targets.values()))
+        return execute(s.context(t, {"upgrade": upgrade}), specs, force=True,
+                       on_event=on_event)
 
 
 def clean_images(directory=".", file=None, keep: int = 2) -> list[str]:

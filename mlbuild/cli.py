@@ -185,10 +185,12 @@ def _run_verb(o: Obj, verb: str, target, force: bool, **extra):
 @click.option("--force", is_flag=True, help="Run every step, even those up to date.")
 @click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
               help="Build up to N images at once.")
+@click.option("--frozen", is_flag=True,
+              help="Never write lock files: fail when one does not match its spec (CI).")
 @pass_obj
-def build(o: Obj, target, force, jobs):
+def build(o: Obj, target, force, jobs, frozen):
     """Build what TARGET needs (models, build contexts, images) without deploying."""
-    _run_verb(o, "build", target, force, jobs=jobs)
+    _run_verb(o, "build", target, force, jobs=jobs, frozen=frozen)
 
 
 @cli.command()
@@ -198,10 +200,30 @@ def build(o: Obj, target, force, jobs):
               help="Package targets: also build each image and save it as OUT/SERVICE.image.tar.")
 @click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
               help="Build up to N images at once.")
+@click.option("--frozen", is_flag=True,
+              help="Never write lock files: fail when one does not match its spec (CI).")
 @pass_obj
-def deploy(o: Obj, target, force, image_tar, jobs):
+def deploy(o: Obj, target, force, image_tar, jobs, frozen):
     """Bring TARGET (default: default_target) up to date."""
-    _run_verb(o, "deploy", target, force, image_tar=image_tar, jobs=jobs)
+    _run_verb(o, "deploy", target, force, image_tar=image_tar, jobs=jobs, frozen=frozen)
+
+
+@cli.command()
+@click.argument("environment", required=False)
+@click.option("--upgrade", is_flag=True,
+              help="Move every package to the newest version the spec allows.")
+@pass_obj
+def lock(o: Obj, environment, upgrade):
+    """Lock pip environments (or ENVIRONMENT) into lock files with hashes, beside their
+    specs. deploy does this by itself when a spec changed; commit the lock files."""
+    from mlbuild import api
+
+    outcomes = api.lock(environment=environment, upgrade=upgrade, on_event=Reporter(o),
+                        **o.where)
+    if o.json:
+        return _emit_json([x.to_json() for x in outcomes])
+    for x in outcomes:
+        click.echo(f"{x.id}: {x.summary}")
 
 
 @cli.command()

@@ -34,7 +34,7 @@ from mlbuild.graph.step import StepSpec
 from mlbuild.manifest.model import Project, Target
 from mlbuild.state.digest import hash_json
 
-PLANNER_VERSION = 3
+PLANNER_VERSION = 4
 
 # What each target type needs, and which later work brings what is missing.
 NOT_YET = {
@@ -74,7 +74,12 @@ def build_graph(project: Project, target: Target):
             add(StepSpec(sid, "model", {"model": ref.name, "version": ref.version}))
             model_ids.append(sid)
         ctx_id = f"context:{service.name}"
-        add(StepSpec(ctx_id, "context", {"service": service.name}, model_ids))
+        env_deps = []
+        if project.environments[service.environment].kind != "conda":
+            lock_id = f"lock:{service.environment}"
+            add(StepSpec(lock_id, "lock", {"environment": service.environment}))
+            env_deps = [lock_id]
+        add(StepSpec(ctx_id, "context", {"service": service.name}, model_ids + env_deps))
         if target.type == "package":
             add(StepSpec(f"package:{target.name}/{service.name}", "package",
                          {"service": service.name, "target": target.name}, [ctx_id]))
@@ -90,7 +95,7 @@ def build_graph(project: Project, target: Target):
                          sorted({ctx_id, image_id, last})))
         elif target.type == "process":
             venv_id = f"venv:{service.environment}"
-            add(StepSpec(venv_id, "venv", {"environment": service.environment}))
+            add(StepSpec(venv_id, "venv", {"environment": service.environment}, env_deps))
             add(StepSpec(f"process:{target.name}/{service.name}", "process",
                          {"service": service.name, "target": target.name}, [ctx_id, venv_id]))
     assert nx.is_directed_acyclic_graph(g)
@@ -123,6 +128,9 @@ def service_steps(project: Project, service: str) -> list[StepSpec]:
     svc = project.services[service]
     specs = [StepSpec(_model_step_id(ref), "model", {"model": ref.name, "version": ref.version})
              for ref in svc.models]
+    if project.environments[svc.environment].kind != "conda":
+        specs.append(StepSpec(f"lock:{svc.environment}", "lock",
+                              {"environment": svc.environment}))
     specs.append(StepSpec(f"context:{service}", "context", {"service": service},
                           [s.id for s in specs]))
     return specs

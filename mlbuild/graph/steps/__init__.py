@@ -9,6 +9,7 @@ from __future__ import annotations
 from mlbuild.graph.steps.container import ContainerStep
 from mlbuild.graph.steps.context import ContextStep
 from mlbuild.graph.steps.image import ImageStep, ImageTarStep, PushStep
+from mlbuild.graph.steps.lock import LockStep
 from mlbuild.graph.steps.model import ModelStep
 from mlbuild.graph.steps.package import PackageStep
 from mlbuild.graph.steps.process import ProcessStep
@@ -16,4 +17,4 @@ from mlbuild.graph.steps.venv import VenvStep
 
 STEP_KINDS = {cls.kind: cls for cls in (ModelStep, ContextStep, PackageStep, VenvStep,
                                         ProcessStep, ImageStep, PushStep, ContainerStep,
-                                        ImageTarStep)}
+                                        ImageTarStep, LockStep)}

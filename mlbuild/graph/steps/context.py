@@ -74,7 +74,7 @@ def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], 
 
 class ContextStep(Step):
     kind = "context"
-    version = 2
+    version = 3
     templates = ("Dockerfile.j2",)
 
     def _service(self, ctx):
@@ -96,7 +96,7 @@ class ContextStep(Step):
         env = ctx.project.environments[s.environment]
         d = ctx.digests
         files = {disp: d.file(p) for _, p, disp in app_files(ctx, s)[0]}
-        if env.spec_file:
+        if env.kind == "conda":  # a pip environment comes in through its lock step
             files[env.spec_file] = d.file(ctx.project.path(env.spec_file))
         for sample in (s.schema_input, s.schema_output):
             if sample:
@@ -142,12 +142,15 @@ class ContextStep(Step):
             if env.kind == "conda":
                 env_file = "env/environment.yml"
                 put_file(env_file, project.path(env.conda))
-            elif env.kind == "requirements":
-                env_file = "env/requirements.txt"
-                put_file(env_file, project.path(env.requirements))
-            else:
-                env_file = "env/requirements.txt"
-                put_text(env_file, "".join(f"{p}\n" for p in env.packages))
+            else:  # the lock: exact versions with hashes
+                from mlbuild.graph.steps.lock import packages_of
+
+                # Without its header (the spec's digest): the image's environment layer
+                # is keyed by what is installed alone, so a spec edit that resolves to
+                # the same packages rebuilds nothing, even when other files change.
+                env_file = "env/requirements.lock.txt"
+                put_text(env_file, packages_of(
+                    project.path(upstream[f"lock:{env.name}"]["file"]).read_text()))
 
             # The runtime.
             runtime_reqs = None

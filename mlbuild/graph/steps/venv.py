@@ -63,11 +63,8 @@ class VenvStep(Step):
         return {f"environments.{env.name}": env.config()}
 
     def inputs(self, ctx: BuildContext) -> dict[str, str]:
-        env = self._env(ctx)
-        files = {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
-        if env.requirements:
-            files[env.requirements] = ctx.digests.file(ctx.project.path(env.requirements))
-        return files
+        # The environment comes in through its lock step (upstream).
+        return {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
 
     def extra(self, ctx: BuildContext) -> dict:
         env = self._env(ctx)
@@ -106,17 +103,16 @@ class VenvStep(Step):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         uv = uv_bin()
         python = env.python or sys.executable
-        reqs: list[str] = []
-        if env.requirements:
-            reqs += ["-r", str(project.path(env.requirements))]
-        reqs += ["-r", str(runtime_requirements())]
+        lock = project.path(upstream[f"lock:{env.name}"]["file"])
         run_env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", VIRTUAL_ENV="")
         # A TLS-intercepting proxy's CA lives in the system store; uv's built-in roots
         # would not trust it.
         run_env.setdefault("UV_NATIVE_TLS", "1")
+        in_venv = ["--python", str(stage / "bin" / "python")]
         commands = [[uv, "venv", "--quiet", "--python", python, str(stage)],
-                    [uv, "pip", "install", "--python", str(stage / "bin" / "python"),
-                     *reqs, *env.packages]]
+                    [uv, "pip", "install", *in_venv, "--require-hashes", "--no-deps",
+                     "-r", str(lock)],
+                    [uv, "pip", "install", *in_venv, "-r", str(runtime_requirements())]]
         try:
             with open(log_path, "w", encoding="utf-8") as log:
                 for cmd in commands:

@@ -17,8 +17,8 @@ RUN (getent group mlbuild || groupadd --system --gid 10001 mlbuild) \
  && chown mlbuild:mlbuild /var/mlbuild
 
 # The environment.
-COPY env/requirements.txt /opt/mlbuild-env/requirements.txt
-RUN python -m pip install --requirement /opt/mlbuild-env/requirements.txt
+COPY env/requirements.lock.txt /opt/mlbuild-env/requirements.lock.txt
+RUN python -m pip install --require-hashes --no-deps --requirement /opt/mlbuild-env/requirements.lock.txt
 
 # The serving runtime.
 COPY runtime/mlbuild/runtime/requirements.txt /opt/mlbuild-env/runtime-requirements.txt

@@ -1,0 +1,207 @@
+"""``lock`` steps: a pip environment resolved to exact versions with hashes.
+
+    lock:sklearn ──▶ context:diabetes ──▶ image / package / process
+
+The lock file lives beside its spec and is committed with it:
+
+    envs/requirements.txt   →  envs/requirements.lock.txt
+    packages: [...]         →  locks/<env>.lock.txt    (an inline environment)
+
+It is made by ``uv pip compile --generate-hashes`` for the environment's Python
+(``python:``, default 3.11, the default base image's) on Linux, and starts with a
+line recording the digest of the spec it was made from. The step re-locks only when
+the spec (or the Python) changed; the existing lock is given to uv as the preference,
+so versions move only where the spec made them. ``mlbuild lock --upgrade`` moves
+everything to the newest allowed. ``--frozen`` (CI) never writes a lock: a lock that
+does not match its spec is an error saying to run ``mlbuild lock``.
+
+Azure ML v1 migration: ``azureml-defaults``, ``azureml-core`` and
+``azureml-contrib-services`` are dropped before locking, with a notice — mlbuild's
+runtime replaces them (``inference-schema`` stays).
+
+The lock is what the image and the process target's venv install
+(``--require-hashes --no-deps``), and what downstream steps depend on: a spec edit
+that resolves to the same lock rebuilds nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from mlbuild import fsutil
+from mlbuild.errors import StepFailed
+from mlbuild.graph.step import BuildContext, Step
+from mlbuild.state.digest import hash_bytes
+
+DEFAULT_PYTHON = "3.11"
+PLATFORM = "linux"
+HEADER = "# mlbuild lock: spec {spec}; python {python}; platform {platform}\n"
+_HEADER_RE = re.compile(r"^# mlbuild lock: spec (\S+); python (\S+); platform (\S+)$")
+# Replaced by mlbuild's runtime: never installed into an mlbuild environment.
+AZUREML_REPLACED = ("azureml-defaults", "azureml-core", "azureml-contrib-services")
+_NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def lock_path(env) -> str:
+    """The lock file of a pip environment, relative to the project."""
+    if env.requirements:
+        spec = env.requirements
+        stem = spec[:-4] if spec.endswith(".txt") else spec
+        return f"{stem}.lock.txt"
+    return f"locks/{env.name}.lock.txt"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def spec_lines(ctx: BuildContext, env) -> tuple[list[str], list[str]]:
+    """The requirement lines to lock, and the Azure ML packages dropped from them."""
+    if env.requirements:
+        lines = ctx.project.path(env.requirements).read_text().splitlines()
+    else:
+        lines = list(env.packages)
+    kept, dropped = [], []
+    for line in lines:
+        m = _NAME_RE.match(line.split("#", 1)[0])
+        if m and _canonical(m.group(1)) in AZUREML_REPLACED:
+            dropped.append(m.group(1))
+        else:
+            kept.append(line)
+    return kept, dropped
+
+
+def read_header(path: Path) -> tuple[str, str, str] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            m = _HEADER_RE.match(fh.readline().rstrip("\n"))
+    except OSError:
+        return None
+    return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
+class ResolveError(Exception):
+    """The requirements do not resolve; the message is the resolver's explanation."""
+
+
+def resolve(lines: list[str], python: str, platform: str, cwd: Path,
+            previous: str | None, upgrade: bool) -> str:
+    """Pin ``lines`` with hashes (uv pip compile); returns the lock's body.
+
+    Args:
+        cwd: the folder relative ``-r``/``-c`` lines are resolved against.
+        previous: the current lock, whose versions are kept where they still fit.
+
+    Raises:
+        ResolveError: no solution, naming the requirement at fault.
+    """
+    from mlbuild.graph.steps.venv import uv_bin
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "requirements.in"
+        spec_file.write_text("\n".join(lines) + "\n")
+        out = Path(tmp) / "lock.txt"
+        if previous is not None:
+            out.write_text(previous)  # uv keeps the versions it pins where they still fit
+        cmd = [uv_bin(), "pip", "compile", "--quiet", "--generate-hashes", "--no-header",
+               "--no-annotate", "--python-version", python, "--python-platform", platform,
+               str(spec_file), "-o", str(out)]
+        if upgrade:
+            cmd.append("--upgrade")
+        run_env = dict(os.environ, UV_PYTHON_DOWNLOADS="never")
+        run_env.setdefault("UV_NATIVE_TLS", "1")
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=run_env,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise ResolveError("\n    ".join((r.stderr or r.stdout).strip().splitlines()[-12:]))
+        return out.read_text()
+
+
+class LockStep(Step):
+    kind = "lock"
+    version = 1
+
+    def _env(self, ctx: BuildContext):
+        return ctx.project.environments[self.params["environment"]]
+
+    def _python(self, env) -> str:
+        return env.python or DEFAULT_PYTHON
+
+    def config(self, ctx: BuildContext) -> dict:
+        env = self._env(ctx)
+        return {f"environments.{env.name}": env.config()}
+
+    def inputs(self, ctx: BuildContext) -> dict[str, str]:
+        # The spec only: the lock file is this step's output (check_outputs notices
+        # when it changes, e.g. a teammate's lock arriving with git pull).
+        env = self._env(ctx)
+        if env.requirements:
+            return {env.requirements: ctx.digests.file(ctx.project.path(env.requirements))}
+        return {}
+
+    def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
+        lock = ctx.project.path(outputs["file"])
+        try:
+            if ctx.digests.file(lock) != outputs["digest"]:
+                return f"{outputs['file']} was changed"
+        except OSError:
+            return f"{outputs['file']} missing"
+        return None
+
+    def spec_digest(self, ctx: BuildContext, env) -> str:
+        kept, _ = spec_lines(ctx, env)
+        return hash_bytes("\n".join(kept).encode()).split(":")[-1][:16]
+
+    def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
+        env = self._env(ctx)
+        project = ctx.project
+        rel = lock_path(env)
+        lock = project.path(rel)
+        python = self._python(env)
+        kept, dropped = spec_lines(ctx, env)
+        spec = self.spec_digest(ctx, env)
+        want = (spec, python, PLATFORM)
+        upgrade = bool(ctx.options.get("upgrade"))
+        if read_header(lock) == want and not upgrade:
+            return self._outputs(ctx, rel, lock, "up to date with its spec")
+        if ctx.options.get("frozen"):
+            what = "is missing" if not lock.exists() else "does not match its spec"
+            raise StepFailed(self.id, f"{rel} {what} ({env.requirements or 'packages'})",
+                             hint=f"run mlbuild lock {env.name} and commit {rel}")
+        for name in dropped:
+            ctx.log(f"  notice      {name} dropped from environment {env.name}: mlbuild's "
+                    "runtime replaces it")
+        cwd = project.path(env.requirements).parent if env.requirements else project.root
+        previous = lock.read_text() if lock.exists() and not upgrade else None
+        try:
+            body = resolve(kept, python, PLATFORM, cwd, previous, upgrade)
+        except ResolveError as e:
+            raise StepFailed(self.id, f"environment {env.name} does not resolve "
+                                      f"({env.requirements or 'packages'}):\n    {e}",
+                             hint="fix the requirement named above and deploy again") from None
+        fsutil.write_atomic(lock, HEADER.format(spec=spec, python=python, platform=PLATFORM)
+                            + body)
+        return self._outputs(ctx, rel, lock, "upgraded" if upgrade else "locked")
+
+    def _outputs(self, ctx: BuildContext, rel: str, lock: Path, how: str) -> dict:
+        text = lock.read_text()
+        pins = sum(1 for line in text.splitlines() if re.match(r"^[A-Za-z0-9].*==", line))
+        return {"file": rel, "digest": ctx.digests.file(lock), "pins": pins, "how": how,
+                "packages_digest": hash_bytes(packages_of(text).encode())}
+
+    def identity(self, outputs: dict):
+        # What gets installed, not the header: a spec edit that resolves to the same
+        # packages changes nothing downstream.
+        return outputs["packages_digest"]
+
+    def summary(self, outputs: dict) -> str:
+        return f"{outputs['file']}: {outputs['pins']} packages pinned with hashes ({outputs['how']})"
+
+
+def packages_of(text: str) -> str:
+    """A lock file's text without its header: what gets installed."""
+    return text.split("\n", 1)[1] if text.startswith("# mlbuild lock:") else text
