@@ -66,11 +66,12 @@ def test_azureml_packages_are_dropped_with_a_notice(cli: CLI, diabetes: Path):
 def test_unresolvable_spec_names_the_package(cli: CLI, diabetes: Path):
     spec = diabetes / "envs/requirements.txt"
     spec.write_text(spec.read_text() + "surely-no-such-package-mlbuild-zz==1.0\n")
+    before = (diabetes / LOCK).read_bytes()  # the example's committed lock
     r = cli("deploy", "bundle", check=1, timeout=300)
     assert "environment sklearn does not resolve" in r.stderr
     assert "surely-no-such-package-mlbuild-zz" in r.stderr
     assert "Traceback" not in r.stderr
-    assert not (diabetes / LOCK).exists()  # nothing half-written
+    assert (diabetes / LOCK).read_bytes() == before  # left as it was
 
 
 def test_frozen_refuses_a_stale_lock(cli: CLI, diabetes: Path):
