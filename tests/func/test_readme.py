@@ -14,6 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def readme_block(heading: str, n: int = 0) -> str:
+    """The n-th fenced block after a README heading."""
+    text = (REPO / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```\w*\n(.*?)\n```", section, re.S)[n]
+
+
 def readme_command(marker: str) -> str:
     text = (REPO / "README.md").read_text()
     m = re.search(rf"<!-- {marker} -->\s*```sh\n(.+?)\n```", text, re.S)
@@ -93,3 +100,54 @@ def test_readme_azmlinfsrv_swap_command_serves(tmp_path):
     finally:
         p.terminate()
         p.communicate(timeout=30)
+
+
+@pytest.mark.slow
+def test_readme_quickstart_runs_as_written(tmp_path):
+    """Every Quickstart command, in order, in a new folder named my-proj; and the plan
+    the README shows after an edit of src/score.py is the one mlbuild prints."""
+    import signal
+    import sys
+    import time
+    import urllib.request
+
+    proj = tmp_path / "my-proj"
+    proj.mkdir()
+    lines = [ln.split("#", 1)[0].strip() for ln in readme_block("Quickstart").splitlines()]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    try:
+        for line in filter(None, lines):
+            assert line.startswith("mlbuild "), line
+            if "--reload" in line:
+                p = subprocess.Popen(line, shell=True, cwd=proj, env=env, start_new_session=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                try:
+                    deadline = time.monotonic() + 60
+                    while True:
+                        try:
+                            req = urllib.request.Request(
+                                "http://127.0.0.1:5001/score",
+                                data=(proj / "samples/input.json").read_bytes())
+                            with urllib.request.urlopen(req, timeout=2) as r:
+                                assert r.status == 200
+                            break
+                        except OSError:
+                            assert time.monotonic() < deadline and p.poll() is None, p.stdout.read()
+                            time.sleep(0.2)
+                finally:
+                    os.killpg(p.pid, signal.SIGINT)
+                    p.communicate(timeout=30)
+                continue
+            r = subprocess.run(line, shell=True, cwd=proj, env=env, capture_output=True,
+                               text=True, timeout=600)
+            assert r.returncode == 0, f"{line}\n{r.stdout}\n{r.stderr}"
+        subprocess.run("mlbuild deploy", shell=True, cwd=proj, env=env, check=True,
+                       capture_output=True, timeout=600)
+        score = proj / "src/score.py"
+        score.write_text(score.read_text() + "\n# an edit\n")
+        r = subprocess.run("mlbuild plan", shell=True, cwd=proj, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.stdout.strip() == readme_block("Quickstart", 1).strip()
+    finally:
+        subprocess.run("mlbuild down", shell=True, cwd=proj, env=env, capture_output=True,
+                       timeout=120)
