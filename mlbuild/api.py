@@ -161,12 +161,19 @@ def graph(directory=".", file=None, target: str | None = None, fmt: str = "text"
 
 
 def _run(directory, file, target, kinds, on_event, force, image_tar=False,
-         jobs: int = 1, frozen: bool = False) -> RunResult:
+         jobs: int = 1, frozen: bool = False, offline: bool = False) -> RunResult:
+    import dataclasses
+
     from mlbuild.graph.executor import execute
     from mlbuild.graph.planner import image_tar_steps
 
     with session(directory, file, lock=True) as s:
         t = s.project.target(target)
+        if offline:
+            if t.type != "package":
+                raise InvalidInput(f"--offline: target {t.name!r} is of type {t.type}",
+                                   hint="--offline goes with a package target")
+            t = dataclasses.replace(t, offline=True)
         specs = _steps(s, t, kinds)
         if image_tar:
             if t.type != "package":
@@ -191,14 +198,15 @@ def build(directory=".", file=None, target: str | None = None, on_event=None,
 
 def deploy(directory=".", file=None, target: str | None = None, on_event=None,
            force: bool = False, image_tar: bool = False, jobs: int = 1,
-           frozen: bool = False) -> RunResult:
+           frozen: bool = False, offline: bool = False) -> RunResult:
     """Bring ``target`` (default: the manifest's default_target) up to date.
 
     Args:
         image_tar: (package targets) also build each service's image and write it as
             ``<out>/<service>.image.tar``.
     """
-    return _run(directory, file, target, None, on_event, force, image_tar, jobs, frozen)
+    return _run(directory, file, target, None, on_event, force, image_tar, jobs, frozen,
+                offline)
 
 
 def push(directory=".", file=None, target: str | None = None, on_event=None,

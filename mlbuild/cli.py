@@ -202,10 +202,13 @@ def build(o: Obj, target, force, jobs, frozen):
               help="Build up to N images at once.")
 @click.option("--frozen", is_flag=True,
               help="Never write lock files: fail when one does not match its spec (CI).")
+@click.option("--offline", is_flag=True,
+              help="Package targets: include every wheel, so the image builds without network.")
 @pass_obj
-def deploy(o: Obj, target, force, image_tar, jobs, frozen):
+def deploy(o: Obj, target, force, image_tar, jobs, frozen, offline):
     """Bring TARGET (default: default_target) up to date."""
-    _run_verb(o, "deploy", target, force, image_tar=image_tar, jobs=jobs, frozen=frozen)
+    _run_verb(o, "deploy", target, force, image_tar=image_tar, jobs=jobs, frozen=frozen,
+              offline=offline)
 
 
 @cli.command()

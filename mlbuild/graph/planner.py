@@ -34,7 +34,7 @@ from mlbuild.graph.step import StepSpec
 from mlbuild.manifest.model import Project, Target
 from mlbuild.state.digest import hash_json
 
-PLANNER_VERSION = 4
+PLANNER_VERSION = 5
 
 # What each target type needs, and which later work brings what is missing.
 NOT_YET = {
@@ -79,7 +79,15 @@ def build_graph(project: Project, target: Target):
             lock_id = f"lock:{service.environment}"
             add(StepSpec(lock_id, "lock", {"environment": service.environment}))
             env_deps = [lock_id]
-        add(StepSpec(ctx_id, "context", {"service": service.name}, model_ids + env_deps))
+        if target.type == "package" and target.offline:
+            # Its own context: the same files plus every wheel, installed with --no-index.
+            wheels_id = f"wheels:{service.environment}"
+            add(StepSpec(wheels_id, "wheels", {"environment": service.environment}, env_deps))
+            ctx_id = f"context:{service.name}+offline"
+            add(StepSpec(ctx_id, "context", {"service": service.name, "offline": True},
+                         model_ids + env_deps + [wheels_id]))
+        else:
+            add(StepSpec(ctx_id, "context", {"service": service.name}, model_ids + env_deps))
         if target.type == "package":
             add(StepSpec(f"package:{target.name}/{service.name}", "package",
                          {"service": service.name, "target": target.name}, [ctx_id]))
@@ -103,7 +111,8 @@ def build_graph(project: Project, target: Target):
 
 
 def plan_key(project: Project, target: Target) -> str:
-    return hash_json([project.manifest_digest, target.name, __version__, PLANNER_VERSION])
+    return hash_json([project.manifest_digest, target.name, target.offline, __version__,
+                      PLANNER_VERSION])
 
 
 def plan_steps(project: Project, target: Target, db=None) -> list[StepSpec]:

@@ -211,3 +211,21 @@ def test_package_with_image_tar(proj):
     assert proj.mlbuild("--json", "deploy", "bundle", "--image-tar").stdout.count('"ran"') == 0
     proj.mlbuild("clean", "--packages")
     assert not tar.exists()
+
+
+
+def test_offline_package_builds_without_network(proj, docker_client, run_id):
+    out = json.loads(proj.mlbuild("--json", "deploy", "bundle", "--offline").stdout)
+    wheels = step(out, "wheels:sklearn")
+    assert wheels["status"] == "ran"
+    pkg = proj.root / "dist/package/diabetes"
+    assert "--no-index" in (pkg / "Dockerfile").read_text()
+    tag = f"it{run_id}-offline:1"
+    r = subprocess.run(["docker", "build", "-q", "--network", "none", "--label",
+                        f"dev.mlbuild.test={run_id}", "-t", tag, str(pkg)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Fetched once: after clean, the wheels come from the cache.
+    proj.mlbuild("clean")
+    out = json.loads(proj.mlbuild("--json", "deploy", "bundle", "--offline").stdout)
+    assert step(out, "wheels:sklearn")["summary"].endswith("(0 downloaded)")

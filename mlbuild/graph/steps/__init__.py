@@ -14,7 +14,8 @@ from mlbuild.graph.steps.model import ModelStep
 from mlbuild.graph.steps.package import PackageStep
 from mlbuild.graph.steps.process import ProcessStep
 from mlbuild.graph.steps.venv import VenvStep
+from mlbuild.graph.steps.wheels import WheelsStep
 
 STEP_KINDS = {cls.kind: cls for cls in (ModelStep, ContextStep, PackageStep, VenvStep,
                                         ProcessStep, ImageStep, PushStep, ContainerStep,
-                                        ImageTarStep, LockStep)}
+                                        ImageTarStep, LockStep, WheelsStep)}

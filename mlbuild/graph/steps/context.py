@@ -85,6 +85,8 @@ class ContextStep(Step):
         env = ctx.project.environments[s.environment]
         cfg = {"name": ctx.project.name, f"services.{s.name}": s.config(),
                f"environments.{env.name}": env.config()}
+        if self.params.get("offline"):
+            cfg["offline"] = True
         if s.no_code:
             m = ctx.project.models.get(s.models[0].name)
             if m is not None:
@@ -106,7 +108,8 @@ class ContextStep(Step):
         return files
 
     def out_dir(self, ctx: BuildContext) -> Path:
-        return ctx.state_dir / "contexts" / self.params["service"]
+        suffix = "+offline" if self.params.get("offline") else ""
+        return ctx.state_dir / "contexts" / (self.params["service"] + suffix)
 
     def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
         return check_tree(ctx, ctx.project.root / outputs["dir"], outputs["files"], outputs["dir"])
@@ -151,6 +154,17 @@ class ContextStep(Step):
                 env_file = "env/requirements.lock.txt"
                 put_text(env_file, packages_of(
                     project.path(upstream[f"lock:{env.name}"]["file"]).read_text()))
+
+            # Offline: every wheel, linked from the content-addressed cache.
+            wheels = upstream.get(f"wheels:{env.name}")
+            if wheels is not None:
+                from mlbuild.graph.steps.wheels import cached_path
+
+                for name, digest in wheels["wheels"]:
+                    dst = stage / "wheels" / name
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    fsutil.link_or_copy(cached_path(ctx, digest, name), dst)
+                    listing[f"wheels/{name}"] = digest
 
             # The runtime.
             runtime_reqs = None
@@ -217,6 +231,7 @@ class ContextStep(Step):
                 base_image=base_image,
                 env_kind=env.kind,
                 env_file=env_file,
+                offline=wheels is not None,
                 runtime_requirements=runtime_reqs,
                 runtime_root=RUNTIME_ROOT,
                 models=models,

@@ -58,7 +58,7 @@ class PackageStep(Step):
 
         project = ctx.project
         service = project.services[self.params["service"]]
-        context = upstream[f"context:{service.name}"]
+        context = upstream[self.spec.deps[0]]  # context:SERVICE (or its offline variant)
         ctx_dir = project.root / context["dir"]
         out_rel = self._out_rel(ctx)
         out = project.root / out_rel
