@@ -12,7 +12,7 @@ from pathlib import Path
 
 from clitools import CLI
 
-ALL = ["model:ridge", "context:diabetes", "package:bundle/diabetes"]
+ALL = ["lock:sklearn", "model:ridge", "context:diabetes", "package:bundle/diabetes"]
 
 
 def add_big_model(project: Path, files: int, size: int) -> None:

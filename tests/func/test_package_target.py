@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clitools import CLI
 
-ALL = ["model:ridge", "context:diabetes", "package:bundle/diabetes"]
+ALL = ["lock:sklearn", "model:ridge", "context:diabetes", "package:bundle/diabetes"]
 
 
 def edit(path: Path, text: str) -> None:
@@ -22,7 +22,7 @@ def test_deploy_then_noop(cli: CLI, diabetes: Path):
     assert cli.ran("deploy", "bundle") == ALL
     out = diabetes / "dist/package/diabetes"
     for f in ("Dockerfile", "README.md", "mlbuild-package.json", "app/score.py",
-              "env/requirements.txt", "models/ridge/1/sklearn_regression_model.pkl",
+              "env/requirements.lock.txt", "models/ridge/1/sklearn_regression_model.pkl",
               "samples/input.json", "runtime/mlbuild/runtime/__init__.py"):
         assert (out / f).is_file(), f
     listed = json.loads((out / "mlbuild-package.json").read_text())["files"]
@@ -85,7 +85,7 @@ def test_changed_model_registers_new_version(cli: CLI, diabetes: Path):
     pkl.write_bytes(data + b"\0")  # another model content (pickle ignores trailing bytes)
     plan = {s["id"]: s for s in cli.json("plan", "bundle")["steps"]}
     assert plan["model:ridge"]["reasons"] == ["input models/sklearn_regression_model.pkl changed"]
-    assert cli.ran("deploy", "bundle") == ALL
+    assert cli.ran("deploy", "bundle") == ALL[1:]  # the environment's lock stays
     versions = cli.json("models", "list", "ridge")
     assert [v["version"] for v in versions] == [1, 2]
     out = diabetes / "dist/package/diabetes"

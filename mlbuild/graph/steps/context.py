@@ -3,7 +3,7 @@
 The context (``.mlbuild/contexts/<service>/``) holds only what the image needs::
 
     Dockerfile                  rendered from templates/Dockerfile.j2
-    env/requirements.txt        or env/environment.yml: the environment spec
+    env/requirements.lock.txt   or env/environment.yml: the environment (lock or spec)
     runtime/mlbuild/...         the serving runtime (mlbuild/__init__.py + runtime/)
     models/NAME/VERSION/...     hard links to the registry's blobs
     app/...                     source dir and entry script
