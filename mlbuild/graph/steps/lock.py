@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from mlbuild import fsutil
+from mlbuild.backends.conda import AZUREML_REPLACED  # one list for pip and conda specs
 from mlbuild.errors import StepFailed
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.state.digest import hash_bytes
@@ -41,8 +42,6 @@ DEFAULT_PYTHON = "3.11"
 PLATFORM = "linux"
 HEADER = "# mlbuild lock: spec {spec}; python {python}; platform {platform}\n"
 _HEADER_RE = re.compile(r"^# mlbuild lock: spec (\S+); python (\S+); platform (\S+)$")
-# Replaced by mlbuild's runtime: never installed into an mlbuild environment.
-AZUREML_REPLACED = ("azureml-defaults", "azureml-core", "azureml-contrib-services")
 _NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
