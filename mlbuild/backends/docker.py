@@ -587,6 +587,7 @@ class DockerEngine:
         mounts: Mapping[str, str] | None = None,
         command: list[str] | None = None,
         host_ip: str = "127.0.0.1",
+        network_mode: str | None = None,
         step_id: str | None = None,
     ) -> ContainerState:
         """Create and start a container (never pulls: the image must be in the engine).
@@ -606,6 +607,7 @@ class DockerEngine:
             mounts: host path to container path, mounted read-only.
             command: overrides the image's ``CMD``.
             host_ip: address published ports bind to when given as a bare number.
+            network_mode: ``host`` to share the engine host's network (no ``ports``).
             step_id: how a failure names the action (default ``docker run NAME``).
 
         Returns:
@@ -640,6 +642,10 @@ class DockerEngine:
             kwargs["volumes"] = {host: {"bind": ctr, "mode": "ro"} for host, ctr in mounts.items()}
         if command is not None:
             kwargs["command"] = list(command)
+        if network_mode is not None:
+            kwargs["network_mode"] = network_mode
+            if network_mode == "host":
+                kwargs.pop("ports")
         container = None
         try:
             with self._engine_errors():
@@ -776,6 +782,19 @@ class DockerEngine:
             if "is already in progress" in _api_message(e):
                 return True
             raise StepFailed(f"docker rm {name}", _api_message(e)) from None
+
+    def rename_container(self, name: str, new_name: str) -> None:
+        """Give a container (running or not) another name.
+
+        Raises:
+            StepFailed: the engine refused (e.g. the new name is taken).
+            EngineUnavailable: the engine stopped answering.
+        """
+        try:
+            with self._engine_errors():
+                self.api.rename(name, new_name)
+        except self._errors.APIError as e:
+            raise StepFailed(f"docker rename {name}", _api_message(e)) from None
 
     def stop_and_rename(self, name: str, new_name: str, *, stop_timeout: int = 10) -> None:
         """Stop a container (kept, not removed) and give it another name.

@@ -134,9 +134,37 @@ def test_edit_score_rebuilds_one_layer_and_replaces_the_container(proj, docker_c
     old_tag = proj.status()["image"]
     score = proj.root / "src/score.py"
     score.write_text(score.read_text() + "\n# an edit\n")
-    out = proj.deploy()
+    # Requests keep being answered while the new container starts beside the old one.
+    import threading
+
+    stop, results, key = threading.Event(), [], proj.key()
+    body = (proj.root / "samples/input.json").read_bytes()
+
+    def hammer():
+        while not stop.is_set():
+            req = urllib.request.Request(proj.url + "/score", data=body, headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    results.append(r.status)
+            except urllib.error.HTTPError as e:
+                results.append(e.code)
+            except OSError as e:
+                results.append(repr(e))
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        out = proj.deploy()
+    finally:
+        stop.set()
+        t.join()
     assert ran(out) == ["context:diabetes", "image:diabetes", "push:diabetes",
                         "container:local/diabetes"]
+    statuses = [r for r in results if isinstance(r, int) and r != 200]
+    errors = [r for r in results if not isinstance(r, int)]
+    assert len(results) > 10 and statuses == [], statuses[:5]
+    assert all("reset" in e.lower() for e in errors) and len(errors) <= 2, errors
     new_tag = proj.status()["image"]
     a, b = layers(docker_client, old_tag), layers(docker_client, new_tag)
     assert len(a) == len(b) and a[:-1] == b[:-1] and a[-1] != b[-1]  # the app layer only

@@ -2,24 +2,29 @@
 
     image:diabetes ──▶ container:local/diabetes
 
-The container is ``<project>-<service>-<target>``, its port published on 127.0.0.1
-(``port``, ``port + 1``, ... for the target's services, as on a process target), with
-the target's CPU and memory limits, restart policy ``unless-stopped`` and labels
-naming the project, service, target and the step's fingerprint. Keys (``auth: key``)
-reach it as a read-only mounted file, never through the image or its environment.
+The container is ``<project>-<service>-<target>``, with the target's CPU and memory
+limits, restart policy ``unless-stopped`` and labels naming the project, service,
+target and the step's fingerprint. Keys (``auth: key``) reach it as a read-only
+mounted file, never through the image, its environment or its labels.
 
-Replacing a running service:
+Networking: the container shares the engine host's network and its runtime listens on
+127.0.0.1:``port`` (``port + 1``, ... for the target's services, as on a process
+target) with SO_REUSEPORT, exactly like a process target's release. That is what lets
+a changed service start *beside* the old one on the same port, without a gap:
 
-    1. a candidate ``NAME-next`` from the new image, on a free port; wait for ready
-       (its /healthz/ready answers 200). It fails or exits → removed, the old
-       container keeps serving, the step fails with its exit code and last log lines.
-    2. the old container is stopped (kept as ``NAME-old``), the new one started on the
-       service's port and waited for; it fails → removed, the old one started again.
-    3. the old one is removed.
+    1. ``NAME-next`` from the new image; its runtime binds the port only once its
+       init() returned, and reports readiness on a health port of its own (a free
+       port picked here) — until then the old container serves every request;
+    2. ready → the old container is stopped (SIGTERM: in-flight requests finish) and
+       removed, and ``NAME-next`` is renamed ``NAME``: one container start per deploy;
+    3. it fails or exits → removed; the old container was never touched and keeps
+       serving; the step fails with its exit status and last log lines. Exit status 1
+       is the runtime's "cannot listen": another program holds the port
+       (Unschedulable).
 
-A port can be published by one container only, so step 2 has a short gap (the new
-container's start and init()); the candidate makes sure a broken release never gets
-that far. (A process target replaces without any gap, through SO_REUSEPORT.)
+(A published port, ``-p``, cannot be shared by two containers: an old/new overlap
+would need a proxy in front, and every redeploy would start the service twice.
+Host networking needs a Linux engine; the runtime still binds 127.0.0.1 only.)
 
 Up to date means: the container exists, runs, and carries this step's fingerprint.
 """
@@ -28,14 +33,14 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 import time
 
 from mlbuild.backends import dockerapi
 from mlbuild.errors import StepFailed
 from mlbuild.graph.step import BuildContext, Step
-from mlbuild.graph.steps.context import CONTAINER_PORT
 from mlbuild.graph.steps.image import LABEL_FINGERPRINT, engine
-from mlbuild.graph.steps.process import keys_file, service_port
+from mlbuild.graph.steps.process import GRACEFUL_TIMEOUT, keys_file, service_port
 from mlbuild.state import keys as keystore
 from mlbuild.state.digest import hash_json
 
@@ -59,19 +64,27 @@ def _ready(port: int) -> bool:
         conn.close()
 
 
-def wait_ready(eng, name: str, port: int, timeout: float):
-    """Wait until the container answers ready on ``port``. Returns None when it does,
-    else the ContainerState that explains why not (exited) or None-state on timeout."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(eng, name: str, health_port: int, timeout: float):
+    """Wait until the container reports ready on ``health_port``. Returns None when it
+    does, else why not: its ContainerState (it exited), "gone" or "timeout"."""
     deadline = time.monotonic() + timeout
     n = 0
     while time.monotonic() < deadline:
-        if _ready(port):
+        if _ready(health_port):
             return None
         n += 1
         if n % 4 == 0:  # the engine is asked less often than the port
             st = eng.container_state(name)
-            if st is None or not st.running or st.status == "restarting" or st.restart_count:
-                return st or "gone"
+            if st is None:
+                return "gone"
+            if not st.running or st.status == "restarting" or st.restart_count:
+                return st
         time.sleep(0.05)
     return "timeout"
 
@@ -134,38 +147,27 @@ class ContainerStep(Step):
             os.chmod(kf, 0o644)
             mounts[str(kf)] = KEYS_IN_CONTAINER
             env["MLBUILD_AUTH_KEYS_FILE"] = KEYS_IN_CONTAINER
-        run_args = dict(env=env, labels=labels, cpus=target.cpu,
-                        memory=f"{int(target.memory_gb * 1024)}m" if target.memory_gb else None,
-                        mounts=mounts, step_id=self.id)
-
-        # 1. The candidate, on a free port.
+        health_port = _free_port()
+        env.update(MLBUILD_HOST=HOST, MLBUILD_PORT=str(port), MLBUILD_REUSE_PORT="1",
+                   MLBUILD_HEALTH_PORT=str(health_port),
+                   MLBUILD_GRACEFUL_TIMEOUT=f"{GRACEFUL_TIMEOUT:g}")
         candidate = f"{name}-next"
-        eng.remove_container(candidate, stop_timeout=2)
-        st = eng.run_container(candidate, image, ports={CONTAINER_PORT: None}, restart="no",
-                               **run_args)
-        cport = st.ports[f"{CONTAINER_PORT}/tcp"][0][1]
-        ctx.log(f"  starting    {candidate} from {image} (checking it on port {cport})")
-        self._wait_or_fail(eng, candidate, cport, had_old=eng.container_state(name) is not None)
-        eng.remove_container(candidate, stop_timeout=0)  # it served nobody: no need to wait
-
-        # 2. The swap.
+        eng.remove_container(candidate, stop_timeout=0)  # left by a killed deploy
         old = eng.container_state(name)
-        parked = f"{name}-old"
-        if old is not None:
-            eng.remove_container(parked, stop_timeout=2)
-            eng.stop_and_rename(name, parked)
+        ctx.log(f"  starting    {candidate} from {image} on {HOST}:{port}")
+        eng.run_container(candidate, image, network_mode="host", restart="unless-stopped",
+                          env=env, labels=labels, cpus=target.cpu,
+                          memory=f"{int(target.memory_gb * 1024)}m" if target.memory_gb
+                          else None, mounts=mounts, step_id=self.id)
         try:
-            eng.run_container(name, image, ports={CONTAINER_PORT: port}, restart="unless-stopped",
-                              host_ip=HOST, **run_args)
-            self._wait_or_fail(eng, name, port, had_old=old is not None)
+            self._wait_or_fail(eng, candidate, health_port, port,
+                               had_old=old is not None and old.running)
         except BaseException:
-            eng.remove_container(name, stop_timeout=2)
-            if old is not None:
-                eng.rename_and_start(parked, name)
+            eng.remove_container(candidate, stop_timeout=0)
             raise
-        # 3. Done with the old one.
-        if old is not None:
-            eng.remove_container(parked, stop_timeout=0)  # stopped already
+        if old is not None:  # ready: the old one goes, its in-flight requests finish
+            eng.remove_container(name, stop_timeout=int(GRACEFUL_TIMEOUT) + 5)
+        eng.rename_container(candidate, name)
         st = eng.container_state(name)
         url = f"http://{HOST}:{port}"
         ctx.db.put_deployment(target.name, s.name, {
@@ -174,24 +176,27 @@ class ContainerStep(Step):
         return {"container": name, "id": st.id, "url": url, "image": image,
                 "fingerprint": fingerprint}
 
-    def _wait_or_fail(self, eng, name: str, port: int, had_old: bool) -> None:
-        why = wait_ready(eng, name, port, READY_TIMEOUT)
+    def _wait_or_fail(self, eng, name: str, health_port: int, port: int,
+                      had_old: bool) -> None:
+        why = wait_ready(eng, name, health_port, READY_TIMEOUT)
         if why is None:
             return
         logs = eng.container_logs(name, tail=20).rstrip().splitlines()
-        eng.remove_container(name, stop_timeout=2)
+        kept = "the previous container keeps serving" if had_old else "nothing is serving"
+        hint = "fix the error above and deploy again"
         if why == "timeout":
             what = f"Transitioning: not ready after {READY_TIMEOUT:.0f} s (MLBUILD_READY_TIMEOUT)"
         elif why == "gone":
-            what = "Failed: the container vanished"
+            what = "Failed: the new container vanished"
+        elif why.exit_code == 1:
+            what = f"Unschedulable: port {port} on {HOST} is in use by another program"
+            hint = "stop that program, or give the target another port"
         else:
             what = f"Failed: the new container exited with status {why.exit_code}"
             if why.oom_killed:
                 what += " (killed: out of memory; raise the target's memory_gb)"
-        kept = "the previous container keeps serving" if had_old else "nothing is serving"
         raise StepFailed(self.id, f"{what}; {kept}. Last lines of its log:\n    "
-                         + "\n    ".join(logs[-20:]),
-                         hint="fix the error above and deploy again")
+                         + "\n    ".join(logs[-20:]), hint=hint)
 
     def summary(self, outputs: dict) -> str:
         return f"Healthy at {outputs['url']} ({outputs['container']})"
