@@ -47,17 +47,18 @@ def deploy(proj: Path) -> tuple[float, list[str]]:
 def runtime_start(proj: Path, python: str) -> float:
     """exec of the runtime -> first 200 from /score, with the release the target made."""
     run_root = proj / ".mlbuild/run/dev/diabetes"
-    release = next(run_root.iterdir())
+    release = next(p for p in run_root.iterdir() if (p / "ready.json").exists())
+    model_dir = next((release / "models/ridge").iterdir())  # the current version
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLBUILD_", "AZUREML_"))}
     env.update(PYTHONPATH=str(release / "runtime"),
                MLBUILD_ENTRY_SCRIPT=str(release / "app/score.py"),
-               MLBUILD_MODEL_DIR=str(release / "models/ridge/1"), MLBUILD_ACCESS_LOG="0")
+               MLBUILD_MODEL_DIR=str(model_dir), MLBUILD_ACCESS_LOG="0")
     body = (proj / "samples/input.json").read_bytes()
     t = time.perf_counter()
     p = subprocess.Popen([python, "-m", "mlbuild.runtime", "--host", "127.0.0.1", "--port",
                           str(port)], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                         stderr=subprocess.DEVNULL, cwd=release / "app")
     try:
         while True:
             try:
@@ -67,6 +68,8 @@ def runtime_start(proj: Path, python: str) -> float:
                     if r.status == 200:
                         return time.perf_counter() - t
             except OSError:
+                if p.poll() is not None:
+                    raise SystemExit(f"the runtime exited with status {p.returncode}")
                 time.sleep(0.005)
     finally:
         p.terminate()

@@ -33,7 +33,6 @@ import tempfile
 from pathlib import Path
 
 from mlbuild import fsutil
-from mlbuild.backends.conda import AZUREML_REPLACED  # one list for pip and conda specs
 from mlbuild.errors import StepFailed
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.state.digest import hash_bytes
@@ -60,6 +59,8 @@ def _canonical(name: str) -> str:
 
 def spec_lines(ctx: BuildContext, env) -> tuple[list[str], list[str]]:
     """The requirement lines to lock, and the Azure ML packages dropped from them."""
+    from mlbuild.backends.conda import AZUREML_REPLACED  # one list for pip and conda specs
+
     if env.requirements:
         lines = ctx.project.path(env.requirements).read_text().splitlines()
     else:
