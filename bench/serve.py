@@ -1,27 +1,41 @@
 """Scoring throughput, tail latency and memory of the serving runtime, beside two baselines.
 
-    python bench/serve.py [--duration S] [--rounds N] [--workers N] [--azmlinfsrv PATH]
+    python bench/serve.py [--duration S] [--rounds N] [--threads T] [--workers N]
+                          [--no-pin] [--azmlinfsrv PATH]
 
-Goals (issue: serving runtime, "Speed and memory"), one worker each, 127.0.0.1 only:
-  mlbuild/bare req/s >= 0.9 (c=2 and c=16), mlbuild/azmlinfsrv req/s at c=16 >= 3,
-  p99 mlbuild/bare <= 1.5, peak RSS mlbuild/bare <= 1.1.
+Goals, at c=16 with one worker each, 127.0.0.1 only (issue "serving runtime", section
+"Speed and memory"; issue "drop-in for the Azure ML inference server", section "Speed"):
+  runtime req/s >= 0.9x bare and >= 3x azmlinfsrv; runtime p99 <= 1.5x bare; runtime
+  peak RSS <= 1.1x bare; serve req/s >= 3x azmlinfsrv.
 
 Servers, all serving the same Ridge (trained here on sklearn's bundled diabetes data) to
 POSTs of 2 rows x 10 features:
-  mlbuild     python -m mlbuild.runtime with an Azure-v1-style score.py (its defaults:
-              access log on, written to a file)
-  bare        a hand-written ASGI callable on uvicorn (httptools, uvloop when installed,
-              no access log) doing the same predict -- the practical limit
+  runtime     python -m mlbuild.runtime --entry-script score.py, an Azure-v1-style script
+              unchanged, with the runtime's defaults (access log on, written to a file;
+              request ids; metrics)
+  serve       the drop-in command line: mlbuild serve --entry-script score.py --model-dir
+              DIR --port P (plus --host 127.0.0.1), the same script
+  bare        a hand-written ASGI callable on uvicorn doing the same predict and JSON
+              encoding, with the uvicorn settings the runtime uses (httptools, uvloop when
+              installed, no access log, no server header, no proxy-header middleware) --
+              the practical limit
   azmlinfsrv  azureml-inference-server-http with the same score.py. Its pinned deps (flask
               etc.) clash with ours, so it lives in its own venv, found through --azmlinfsrv
               or $AZMLINFSRV (else /tmp/azvenv/bin/azmlinfsrv); skipped when absent:
                   python3 -m venv /tmp/azvenv
                   /tmp/azvenv/bin/pip install azureml-inference-server-http \\
                       scikit-learn==<same as here> joblib numpy
-Load: `wrk --latency` with a POST Lua script at c=2 and c=16, every server started once and
-the wrk runs interleaved server by server, round by round (the machine is noisy); medians
-are reported. Peak RSS is VmHWM from /proc (summed over the server's process tree: the
-Azure server runs a gunicorn master and a worker) read after the last round.
+Load: `wrk --latency` with a POST Lua script at c=2 and c=16, in short runs (1 s) over
+many rounds (20), since the machine is noisy: every server is started once, and each
+round runs every server once per concurrency, in an order reversed every other round, so
+that compared runs are seconds apart. wrk runs on the first CPU and the servers on the
+others (taskset; --no-pin leaves placement to the kernel). Reported: medians over the
+rounds; ratios are medians of the per-round ratios; a noise line compares runtime and
+serve, which run the same server code. CPU us/req: user+system CPU time of the server's
+process tree during a c=16 run, over the requests it served. Peak RSS: VmHWM from /proc,
+summed over the process tree (the Azure server runs a gunicorn master and a worker), read
+after the last round. The runtime's and serve's access logs are counted at the end: one
+line per request served, so the log was on while measured.
 """
 
 from __future__ import annotations
@@ -65,7 +79,7 @@ SCORE_PY = textwrap.dedent("""\
     """)
 
 BARE_PY = textwrap.dedent("""\
-    # The least an ASGI server can do for this model: read the body, predict, answer.
+    # The least an ASGI app can do for this model: read the body, predict, answer JSON.
     import json
     import os
 
@@ -158,18 +172,17 @@ class Server:
 
     def __init__(self, name: str, cmd: list[str], env: dict, workdir: Path):
         self.name, self.cmd, self.env = name, cmd, env
+        self.pin: list[str] = []  # a taskset prefix, set by main()
         self.port = int(cmd[cmd.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}/score"
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            log.close()
+        with open(self.log_path, "wb") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen([*self.pin, *self.cmd], env=self.env, stdout=log,
+                                         stderr=log, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
 
     def wait_ready(self, body: bytes, timeout: float = 90.0) -> list[float]:
         """Poll POST /score until it answers 200; returns the prediction it gave."""
@@ -212,6 +225,17 @@ class Server:
                     pass
         return out
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the server's process tree."""
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (man 5 proc)
+        return total / os.sysconf("SC_CLK_TCK")
+
     def peak_rss_mb(self) -> float:
         total = 0
         for pid in self.pids():
@@ -219,7 +243,7 @@ class Server:
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue
-            m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+            m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
             if m:
                 total += int(m.group(1))
         return total / 1024
@@ -251,41 +275,161 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def run_wrk(url: str, lua: Path, conns: int, duration: float) -> dict:
-    threads = min(2, conns)
-    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s",
+def run_wrk(url: str, lua: Path, conns: int, duration: float, threads: int = 2,
+            pin: list[str] = ()) -> dict:
+    cmd = [*pin, "wrk", f"-t{min(threads, conns)}", f"-c{conns}", f"-d{max(1, round(duration))}s",
            "--timeout", "10s", "--latency", "-s", str(lua), url]
-    out = subprocess.run(cmd, capture_output=True, text=True,
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                          timeout=duration + 30).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE)
     if not rps or not p99:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
+    done = re.search(r"(\d+) requests in", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:(.*)", out)
     return {"rps": float(rps.group(1)), "p99": _ms(p99.group(1)),
+            "requests": int(done.group(1)) if done else 0,
             "non2xx": int(non2xx.group(1)) if non2xx else 0,
             "errors": errors.group(1).strip() if errors else ""}
 
 
 # --- report ---------------------------------------------------------------------------
 
-def ratio_line(label: str, num: float, den: float, goal: str, ok) -> str:
-    if not den:
-        return f"  {label:<36} {'n/a':>7}   goal {goal}"
-    r = num / den
-    return f"  {label:<36} {r:>7.2f}   goal {goal:<6} {'OK' if ok(r) else 'MISS'}"
+LABELS = {"runtime": "mlbuild runtime", "serve": "mlbuild serve", "bare": "bare ASGI",
+          "azmlinfsrv": "azmlinfsrv"}
+
+
+def paired_ratio(results: dict, num: str, den: str, c: int, metric: str) -> float | None:
+    """Median over the rounds of ``num``'s metric / ``den``'s, run by run."""
+    pairs = [a[metric] / b[metric] for a, b in zip(results[(num, c)], results[(den, c)])
+             if b[metric]]
+    return statistics.median(pairs) if pairs else None
+
+
+def report(servers: list, results: dict, rss: dict, args) -> list[tuple[str, float, bool]]:
+    """Print the tables; returns the goals as (label, ratio, met)."""
+    names = [s.name for s in servers]
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p99", "cpu_us")}
+           for k, v in results.items()}
+    print()
+    print(f"medians of {args.rounds} interleaved rounds, {args.duration:g} s each, "
+          f"workers={args.workers}, 127.0.0.1, wrk -t{args.threads} --latency"
+          + (", wrk and servers on separate CPUs" if args.pinned else ""))
+    head = (f"{'server':<17}" + "".join(f"{f'req/s c={c}':>11}{f'p99 ms c={c}':>13}"
+                                        for c in CONCURRENCY)
+            + f"{'CPU us/req':>12}{'peak RSS MB':>13}")
+    print(head)
+    print("-" * len(head))
+    for n in names:
+        print(f"{LABELS[n]:<17}" + "".join(
+            f"{med[(n, c)]['rps']:>11.0f}{med[(n, c)]['p99']:>13.2f}" for c in CONCURRENCY)
+            + f"{med[(n, 16)]['cpu_us']:>12.0f}{rss[n]:>13.1f}")
+
+    def fmt(x):
+        return f"{x:.2f}" if x is not None else "n/a"
+
+    azml = "azmlinfsrv" in names
+    print()
+    print("ratios (medians of per-round ratios; CPU us/req at c=16)")
+    head = (f"{'server':<17}{'vs bare: req/s c=2':>19}{'req/s c=16':>11}{'p99 c=16':>10}"
+            f"{'CPU/req':>9}{'RSS':>7}" + (f"{'vs azmlinfsrv: req/s c=16':>27}" if azml else ""))
+    print(head)
+    print("-" * len(head))
+    for n in names:
+        if n == "bare":
+            continue
+        row = (f"{LABELS[n]:<17}{fmt(paired_ratio(results, n, 'bare', 2, 'rps')):>19}"
+               f"{fmt(paired_ratio(results, n, 'bare', 16, 'rps')):>11}"
+               f"{fmt(paired_ratio(results, n, 'bare', 16, 'p99')):>10}"
+               f"{fmt(paired_ratio(results, n, 'bare', 16, 'cpu_us')):>9}"
+               f"{rss[n] / rss['bare']:>7.2f}")
+        if azml:
+            row += f"{fmt(paired_ratio(results, n, 'azmlinfsrv', 16, 'rps')):>27}"
+        print(row)
+
+    goals = [
+        ("runtime req/s c=16 >= 0.9x bare", paired_ratio(results, "runtime", "bare", 16, "rps"),
+         lambda r: r >= 0.9),
+        ("runtime req/s c=16 >= 3x azmlinfsrv",
+         paired_ratio(results, "runtime", "azmlinfsrv", 16, "rps") if azml else None,
+         lambda r: r >= 3),
+        ("runtime p99 c=16 <= 1.5x bare", paired_ratio(results, "runtime", "bare", 16, "p99"),
+         lambda r: r <= 1.5),
+        ("runtime peak RSS <= 1.1x bare", rss["runtime"] / rss["bare"], lambda r: r <= 1.1),
+        ("serve req/s c=16 >= 3x azmlinfsrv",
+         paired_ratio(results, "serve", "azmlinfsrv", 16, "rps") if azml else None,
+         lambda r: r >= 3),
+    ]
+    print()
+    print("goals (c=16, one worker each)")
+    out = []
+    for label, ratio, ok in goals:
+        if ratio is None:
+            print(f"  {label:<38} skipped (azmlinfsrv not installed)")
+            continue
+        met = ok(ratio)
+        out.append((label, ratio, met))
+        print(f"  {label:<38} {ratio:>6.2f}  {'OK' if met else 'MISS'}")
+    if "serve" in names:  # the same server code twice: what noise alone does to a ratio
+        aa = paired_ratio(results, "runtime", "serve", 16, "rps")
+        spread = [r["rps"] for r in results[("bare", 16)]]
+        print(f"  noise: runtime/serve req/s c=16 {aa:.2f} (same server, ideally 1.00); "
+              f"bare req/s c=16 ranged {min(spread):.0f}-{max(spread):.0f} over the rounds")
+    missed = [g for g in out if not g[2]]
+    print(f"goals: {len(out) - len(missed)} of {len(out)} met"
+          + (f" (missed: {', '.join(g[0] for g in missed)})" if missed else ""))
+    return out
+
+
+def access_lines(path: Path) -> int:
+    """Access-log lines in a server's output (proof that the log was on while measured)."""
+    count, tail = 0, b""
+    marker = b"mlbuild.runtime.access:"
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            data = tail + chunk
+            count += data.count(marker)
+            tail = data[-(len(marker) - 1):]
+    return count
+
+
+def cpu_split(enabled: bool) -> tuple[list[str], list[str]]:
+    """``taskset`` prefixes putting wrk on the first CPU and the servers on the others.
+
+    NOTE: on a 2-CPU machine an unpinned wrk -t2 and a one-worker server are three busy
+    threads on two CPUs, and the server loses its CPU to wrk at random moments: in one
+    comparison the per-round ratios of the same two servers spread 0.64-1.19 unpinned,
+    0.82-1.00 pinned. Empty when disabled, on fewer than 2 CPUs, or without taskset.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not enabled or len(cpus) < 2 or not shutil.which("taskset"):
+        return [], []
+    return (["taskset", "-c", str(cpus[0])],
+            ["taskset", "-c", ",".join(str(c) for c in cpus[1:])])
+
+
+def mlbuild_cli(py: str) -> list[str]:
+    """The ``mlbuild`` console script of this Python (else ``python -m mlbuild``)."""
+    script = Path(py).with_name("mlbuild")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [py, "-m", "mlbuild"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run [5]")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds [3]")
+    ap.add_argument("--duration", type=float, default=1.0, help="seconds per wrk run [1]")
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds [20]")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
     ap.add_argument("--workers", type=int, default=1, help="worker processes per server [1]")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin wrk to the first CPU and the servers to the others")
     ap.add_argument("--azmlinfsrv", help="path of azmlinfsrv [$AZMLINFSRV, /tmp/azvenv/bin]")
     args = ap.parse_args()
-    if args.duration <= 0 or args.duration > 120 or args.rounds < 1:
-        ap.error("--duration must be in (0, 120] and --rounds >= 1")
+    if args.duration <= 0 or args.duration > 120 or not 1 <= args.rounds <= 50 \
+            or args.threads < 1:
+        ap.error("--duration must be in (0, 120], --rounds in 1..50, --threads >= 1")
 
     if not shutil.which("wrk"):
         print("wrk not found: install it with `apt-get install wrk`", file=sys.stderr)
@@ -313,30 +457,41 @@ def main() -> int:
         body, expected = train(work)
         model_dir = work / "model"
         base_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("MLBUILD_", "AZUREML_"))}
+                    if not k.startswith(("MLBUILD_", "AZUREML_"))
+                    and k not in ("FORWARDED_ALLOW_IPS", "WORKER_COUNT", "AML_APP_ROOT")}
         base_env["PYTHONUNBUFFERED"] = "1"
         py = sys.executable
         loop = "uvloop" if _has("uvloop") else "asyncio"
         http = "httptools" if _has("httptools") else "h11"
+        script = str(work / "score.py")
 
-        servers.append(Server("mlbuild", [
-            py, "-m", "mlbuild.runtime", "--entry-script", str(work / "score.py"),
+        servers.append(Server("runtime", [
+            py, "-m", "mlbuild.runtime", "--entry-script", script,
             "--model-dir", str(model_dir), "--host", "127.0.0.1",
             "--workers", str(args.workers), "--port", str(free_port())],
             base_env, work))
         servers.append(Server("bare", [
             py, "-m", "uvicorn", "--app-dir", str(work), "bare_app:app",
             "--host", "127.0.0.1", "--http", http, "--loop", loop,
-            "--workers", str(args.workers), "--no-access-log", "--log-level", "warning",
-            "--port", str(free_port())],
+            "--workers", str(args.workers), "--no-access-log", "--no-server-header",
+            "--no-proxy-headers", "--log-level", "warning", "--port", str(free_port())],
             dict(base_env, BENCH_MODEL_DIR=str(model_dir)), work))
+        servers.append(Server("serve", [
+            *mlbuild_cli(py), "serve", "--entry-script", script, "--model-dir", str(model_dir),
+            "--host", "127.0.0.1", "--workers", str(args.workers), "--port", str(free_port())],
+            base_env, work))
         if azml:
             servers.append(Server("azmlinfsrv", [
-                *azmlinfsrv_loopback(azml), "--entry_script", str(work / "score.py"), "--model_dir", str(model_dir),
-                "--worker_count", str(args.workers),
+                *azmlinfsrv_loopback(azml), "--entry_script", script,
+                "--model_dir", str(model_dir), "--worker_count", str(args.workers),
                 "--port", str(free_port())],
                 dict(base_env, AZUREML_MODEL_DIR=str(model_dir)), work))
 
+        wrk_pin, server_pin = cpu_split(args.pin)
+        for s in servers:
+            s.pin = server_pin
+        if server_pin:
+            print(f"pinned: wrk to CPU {wrk_pin[-1]}, servers to CPU {server_pin[-1]}")
         try:
             for s in servers:
                 s.start()
@@ -348,10 +503,10 @@ def main() -> int:
                 print(f"{s.name:<11} ready on :{s.port}, prediction matches "
                       f"({', '.join(f'{v:.6f}' for v in got)})")
             for s in servers:  # warm-up: first-call costs and lazy imports off the clock
-                run_wrk(s.url, work / "post.lua", 16, 1)
+                run_wrk(s.url, work / "post.lua", 16, 1, args.threads, wrk_pin)
 
             results = {(s.name, c): [] for s in servers for c in CONCURRENCY}
-            total = args.rounds * len(CONCURRENCY) * len(servers) * args.duration
+            total = args.rounds * len(CONCURRENCY) * len(servers) * round(args.duration)
             print(f"{args.rounds} rounds x c={CONCURRENCY} x {len(servers)} servers x "
                   f"{args.duration:g} s (~{total:.0f} s)")
             for rnd in range(args.rounds):
@@ -360,45 +515,26 @@ def main() -> int:
                     for s in order:
                         if s.proc.poll() is not None:
                             raise RuntimeError(f"{s.name} died:\n{s.log_tail()}")
-                        r = run_wrk(s.url, work / "post.lua", c, args.duration)
+                        cpu = s.cpu_seconds()
+                        r = run_wrk(s.url, work / "post.lua", c, args.duration, args.threads,
+                                    wrk_pin)
+                        r["cpu_us"] = (s.cpu_seconds() - cpu) * 1e6 / max(1, r["requests"])
                         results[(s.name, c)].append(r)
                         bad = (f"  non-2xx {r['non2xx']}" if r["non2xx"] else "") + \
                               (f"  socket errors: {r['errors']}" if r["errors"] else "")
                         print(f"  round {rnd + 1} c={c:<3} {s.name:<11} {r['rps']:>8.0f} req/s"
-                              f"  p99 {r['p99']:>7.2f} ms{bad}")
+                              f"  p99 {r['p99']:>7.2f} ms  CPU {r['cpu_us']:>5.0f} us/req{bad}")
             rss = {s.name: s.peak_rss_mb() for s in servers}
         finally:
             for s in servers:
                 s.stop()
 
-        med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p99")}
-               for k, v in results.items()}
-        print()
-        print(f"medians of {args.rounds} rounds, {args.duration:g} s each, "
-              f"workers={args.workers}, 127.0.0.1, wrk -t2 --latency")
-        head = f"{'server':<12}" + "".join(f"{f'req/s c={c}':>12}{f'p99 ms c={c}':>13}"
-                                            for c in CONCURRENCY) + f"{'peak RSS MB':>13}"
-        print(head)
-        print("-" * len(head))
-        for s in servers:
-            print(f"{s.name:<12}" + "".join(
-                f"{med[(s.name, c)]['rps']:>12.0f}{med[(s.name, c)]['p99']:>13.2f}"
-                for c in CONCURRENCY) + f"{rss[s.name]:>13.1f}")
-        print()
-        m, b = "mlbuild", "bare"
-        for c in CONCURRENCY:
-            print(ratio_line(f"req/s mlbuild/bare c={c}", med[(m, c)]["rps"],
-                             med[(b, c)]["rps"], ">= 0.9", lambda r: r >= 0.9))
-        if azml:
-            print(ratio_line("req/s mlbuild/azmlinfsrv c=16", med[(m, 16)]["rps"],
-                             med[("azmlinfsrv", 16)]["rps"], ">= 3", lambda r: r >= 3))
-        else:
-            print(f"  {'req/s mlbuild/azmlinfsrv c=16':<36} skipped (azmlinfsrv not installed)")
-        for c in CONCURRENCY:
-            print(ratio_line(f"p99 mlbuild/bare c={c}", med[(m, c)]["p99"],
-                             med[(b, c)]["p99"], "<= 1.5", lambda r: r <= 1.5))
-        print(ratio_line("peak RSS mlbuild/bare", rss[m], rss[b], "<= 1.1",
-                         lambda r: r <= 1.1))
+        args.pinned = bool(server_pin)
+        report(servers, results, rss, args)
+        for s in (s for s in servers if s.name in ("runtime", "serve")):  # after stop: the
+            # last lines are written at shutdown
+            print(f"{s.name} access log: {access_lines(s.log_path)} lines "
+                  f"(one per request, as served)")
     return 0
 
 
