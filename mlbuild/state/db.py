@@ -26,6 +26,15 @@ SCHEMA_VERSION = 2
 STATE_DIR = ".mlbuild"
 DB_NAME = "state.db"
 
+_KEYS_TABLE = """CREATE TABLE IF NOT EXISTS keys (
+    target TEXT NOT NULL,
+    service TEXT NOT NULL,
+    primary_key TEXT NOT NULL,
+    secondary_key TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (target, service)
+)"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS steps (
@@ -70,26 +79,11 @@ CREATE TABLE IF NOT EXISTS deployments (
     updated_at REAL NOT NULL,
     PRIMARY KEY (target, service)
 );
-CREATE TABLE IF NOT EXISTS keys (
-    target TEXT NOT NULL,
-    service TEXT NOT NULL,
-    primary_key TEXT NOT NULL,
-    secondary_key TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (target, service)
-);
-"""
+"""+ _KEYS_TABLE + ";\n"
 
 # Format N-1 -> N: statements that bring an older database up to date.
 _MIGRATIONS = {
-    2: """CREATE TABLE IF NOT EXISTS keys (
-    target TEXT NOT NULL,
-    service TEXT NOT NULL,
-    primary_key TEXT NOT NULL,
-    secondary_key TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (target, service)
-)""",
+    2: _KEYS_TABLE,
 }
 
 

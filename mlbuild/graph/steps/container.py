@@ -38,11 +38,11 @@ import time
 
 from mlbuild.backends import dockerapi
 from mlbuild.errors import StepFailed
-from mlbuild.graph.step import BuildContext, Step
+from mlbuild.graph.step import BuildContext
 from mlbuild.graph.steps.image import LABEL_FINGERPRINT, engine
-from mlbuild.graph.steps.process import GRACEFUL_TIMEOUT, keys_file, service_port
+from mlbuild.graph.steps.process import (GRACEFUL_TIMEOUT, RunningServiceStep, keys_file,
+                                         service_port)
 from mlbuild.state import keys as keystore
-from mlbuild.state.digest import hash_json
 
 HOST = "127.0.0.1"
 KEYS_IN_CONTAINER = "/run/secrets/mlbuild-keys"
@@ -89,25 +89,15 @@ def wait_ready(eng, name: str, health_port: int, timeout: float):
     return "timeout"
 
 
-class ContainerStep(Step):
+class ContainerStep(RunningServiceStep):
     kind = "container"
     version = 1
-
-    def _service(self, ctx):
-        return ctx.project.services[self.params["service"]]
 
     def config(self, ctx: BuildContext) -> dict:
         t = ctx.target
         s = self._service(ctx)
         return {"name": ctx.project.name, f"targets.{t.name}": t.config(),
                 f"services.{s.name}.auth": s.auth}
-
-    def extra(self, ctx: BuildContext) -> dict:
-        s = self._service(ctx)
-        out = {"port": service_port(ctx.project, ctx.target, s.name)}
-        if s.auth == "key":
-            out["keys"] = hash_json(keystore.ensure(ctx.db, ctx.target.name, s.name))[:16]
-        return out
 
     def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
         name = outputs["container"]

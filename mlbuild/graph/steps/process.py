@@ -81,17 +81,12 @@ def stop_stray_releases(root: Path, keep: set[Path]) -> int:
     return n
 
 
-class ProcessStep(Step):
-    kind = "process"
-    version = 1
+class RunningServiceStep(Step):
+    """What the process and container steps share: one service of a running target,
+    on its port, restarted when its keys are regenerated."""
 
     def _service(self, ctx):
         return ctx.project.services[self.params["service"]]
-
-    def config(self, ctx: BuildContext) -> dict:
-        t = ctx.target
-        s = self._service(ctx)
-        return {f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth}
 
     def extra(self, ctx: BuildContext) -> dict:
         s = self._service(ctx)
@@ -100,6 +95,16 @@ class ProcessStep(Step):
             # Regenerated keys reach the service at the next deploy.
             out["keys"] = hash_json(keystore.ensure(ctx.db, ctx.target.name, s.name))[:16]
         return out
+
+
+class ProcessStep(RunningServiceStep):
+    kind = "process"
+    version = 1
+
+    def config(self, ctx: BuildContext) -> dict:
+        t = ctx.target
+        s = self._service(ctx)
+        return {f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth}
 
     def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
         dep = ctx.db.get_deployment(ctx.target.name, self.params["service"])
