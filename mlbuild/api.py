@@ -170,9 +170,9 @@ def _run(directory, file, target, kinds, on_event, force, image_tar=False,
     with session(directory, file, lock=True) as s:
         t = s.project.target(target)
         if offline:
-            if t.type != "package":
+            if t.type not in ("package", "docker"):
                 raise InvalidInput(f"--offline: target {t.name!r} is of type {t.type}",
-                                   hint="--offline goes with a package target")
+                                   hint="--offline goes with a package or docker target")
             t = dataclasses.replace(t, offline=True)
         specs = _steps(s, t, kinds)
         if image_tar:
@@ -225,7 +225,7 @@ def push(directory=".", file=None, target: str | None = None, on_event=None,
 
 def lock(directory=".", file=None, environment: str | None = None, upgrade: bool = False,
          on_event=None) -> list:
-    """Lock the pip environments (or one): re-resolve those whose spec changed; with
+    """Lock the environments (or one): re-resolve those whose spec changed; with
     ``upgrade``, move every package to the newest version the spec allows."""
     from mlbuild.graph.executor import execute
     from mlbuild.graph.step import StepSpec
@@ -233,15 +233,12 @@ def lock(directory=".", file=None, environment: str | None = None, upgrade: bool
 
     with session(directory, file, lock=True) as s:
         p = s.project
-        names = [e.name for e in p.environments.values() if e.kind != "conda"]
+        names = list(p.environments)
         if environment is not None:
             if environment not in p.environments:
                 raise InvalidInput(f"no environment {environment!r} in "
                                    f"{p.manifest_path.name}"
                                    + did_you_mean(environment, p.environments))
-            if environment not in names:
-                raise InvalidInput(f"environment {environment!r} is a conda environment: "
-                                   "locking those is not built yet")
             names = [environment]
         specs = [StepSpec(f"lock:{n}", "lock", {"environment": n}) for n in names]
         t = next(iter(p.targets.values()))

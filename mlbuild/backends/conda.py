@@ -117,8 +117,12 @@ from mlbuild.errors import EXIT_STEP_FAILED, InvalidInput, MlbuildError, NotSupp
 # mlbuild.backends.conda install``, relative to the mlbuild package (see installer_files).
 INSTALLER_FILES = ("__init__.py", "errors.py", "backends/__init__.py", "backends/conda.py")
 SOLVER_ENV = "MLBUILD_CONDA_EXE"
+# A PyPI -> conda name-mapping file for conda-lock (its default is a URL on GitHub).
+MAPPING_ENV = "MLBUILD_PYPI_TO_CONDA_MAPPING"
 SOLVER_NAMES = ("micromamba", "mamba", "conda")
 DEFAULT_PLATFORMS = ("linux-64",)
+# What the image's builder stage pip-installs to run the installer (see the module doc).
+INSTALLER_REQUIREMENTS = ("py-rattler>=0.28,<0.29", "pyyaml>=6")
 LOCK_NAME = "conda-lock.yml"
 LOCK_TIMEOUT = 900.0  # seconds conda-lock may take (a cold conda-forge solve is slow)
 CONDA_LOCK_HINT = "pip install 'conda-lock>=4,<5'"
@@ -335,7 +339,7 @@ def lock(spec_path: Path | str, out_path: Path | str | None = None, *,
          mapping: Path | str | None = None, upgrade: bool = False,
          drop: Iterable[str] = AZUREML_REPLACED, extra_args: Sequence[str] = (),
          timeout: float = LOCK_TIMEOUT, env: dict[str, str] | None = None,
-         log: Callable[[str], None] | None = None) -> LockResult:
+         log: Callable[[str], None] | None = None, header: str = "") -> LockResult:
     """Lock a conda spec with conda-lock into ``conda-lock.yml``.
 
     Args:
@@ -355,6 +359,8 @@ def lock(spec_path: Path | str, out_path: Path | str | None = None, *,
         timeout: seconds conda-lock may take.
         env: the environment of conda-lock (default: this process's).
         log: called with each line conda-lock writes, for a verbose mode.
+        header: a comment line written before conda-lock's lock (mlbuild records the
+            spec's digest there).
 
     Returns:
         What was locked; ``dropped`` names the requirements the caller should report.
@@ -411,7 +417,7 @@ def lock(spec_path: Path | str, out_path: Path | str | None = None, *,
                              hint=f"fix the requirement named above in {spec.name}, then "
                                   "lock again")
         data = tmp_lock.read_bytes()
-    fsutil.write_atomic(out, data)
+    fsutil.write_atomic(out, header.encode() + data)
     count = len(_read_lock(out).get("package") or [])
     return LockResult(out, platforms, tuple(dropped), count)
 
@@ -577,6 +583,14 @@ def locked_packages(lock_path: Path | str, platform: str = "linux-64",
             manager=str(p.get("manager", "conda")),
             dependencies={str(k): str(v) for k, v in (p.get("dependencies") or {}).items()}))
     return out
+
+
+def python_version(lock_path: Path | str, platform: str = "linux-64") -> str | None:
+    """The ``X.Y`` of the lock's ``python`` package for ``platform`` (None without one)."""
+    for p in locked_packages(lock_path, platform, manager="conda"):
+        if p.name == "python":
+            return ".".join(p.version.split(".")[:2])
+    return None
 
 
 def install_text(lock_path: Path | str) -> str:

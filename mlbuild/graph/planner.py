@@ -17,7 +17,7 @@ registry, and a ``container`` per service::
 
     model:ridge ──▶ context:diabetes ──▶ image:diabetes ──▶ push:diabetes ──▶ container:local/diabetes
 
-(conda/pip locking adds ``lock:ENV`` before ``context``; kubernetes targets come with
+(``lock:ENV`` comes before ``context`` and ``venv``; kubernetes targets come with
 later work and are refused plainly until then.)
 
 The graph is a ``networkx.DiGraph``. Importing networkx costs more than a whole
@@ -34,7 +34,7 @@ from mlbuild.graph.step import StepSpec
 from mlbuild.manifest.model import Project, Target
 from mlbuild.state.digest import hash_json
 
-PLANNER_VERSION = 5
+PLANNER_VERSION = 6
 
 # What each target type needs, and which later work brings what is missing.
 NOT_YET = {
@@ -74,12 +74,10 @@ def build_graph(project: Project, target: Target):
             add(StepSpec(sid, "model", {"model": ref.name, "version": ref.version}))
             model_ids.append(sid)
         ctx_id = f"context:{service.name}"
-        env_deps = []
-        if project.environments[service.environment].kind != "conda":
-            lock_id = f"lock:{service.environment}"
-            add(StepSpec(lock_id, "lock", {"environment": service.environment}))
-            env_deps = [lock_id]
-        if target.type == "package" and target.offline:
+        lock_id = f"lock:{service.environment}"
+        add(StepSpec(lock_id, "lock", {"environment": service.environment}))
+        env_deps = [lock_id]
+        if target.type in ("package", "docker") and target.offline:
             # Its own context: the same files plus every wheel, installed with --no-index.
             wheels_id = f"wheels:{service.environment}"
             add(StepSpec(wheels_id, "wheels", {"environment": service.environment}, env_deps))
@@ -137,9 +135,7 @@ def service_steps(project: Project, service: str) -> list[StepSpec]:
     svc = project.services[service]
     specs = [StepSpec(_model_step_id(ref), "model", {"model": ref.name, "version": ref.version})
              for ref in svc.models]
-    if project.environments[svc.environment].kind != "conda":
-        specs.append(StepSpec(f"lock:{svc.environment}", "lock",
-                              {"environment": svc.environment}))
+    specs.append(StepSpec(f"lock:{svc.environment}", "lock", {"environment": svc.environment}))
     specs.append(StepSpec(f"context:{service}", "context", {"service": service},
                           [s.id for s in specs]))
     return specs

@@ -76,6 +76,8 @@ class Environment:
     python: str | None = None
     packages: tuple[str, ...] = ()
     base_image: str | None = None
+    platforms: tuple[str, ...] = ("linux-64",)  # conda: the subdirs locked
+    solver: str | None = None  # conda: the solver conda-lock drives
     line: int | None = field(default=None, compare=False)
 
     @property
@@ -99,6 +101,8 @@ class Environment:
             "python": self.python,
             "packages": list(self.packages),
             "base_image": self.base_image,
+            **({"platforms": list(self.platforms), "solver": self.solver}
+               if self.conda else {}),
         }
 
 

@@ -281,6 +281,16 @@ class _Builder:
             packages = e.get("packages")
             packages = tuple(p for p in packages if isinstance(p, str)) \
                 if isinstance(packages, list) else ()
+            platforms = e.get("platforms")
+            platforms = tuple(p for p in platforms if isinstance(p, str)) \
+                if isinstance(platforms, list) and platforms else ("linux-64",)
+            for key in ("platforms", "solver"):
+                if key in e and not conda:
+                    self.add(base + (key,), f"{key} applies to conda environments only: "
+                             f"remove it, or use a conda spec (conda: FILE)")
+            if conda and "linux-64" not in platforms:
+                self.add(base + ("platforms",), "images and the process target need "
+                         "linux-64, which is not among the platforms: add it")
             out[name] = Environment(
                 name=name,
                 conda=conda,
@@ -288,6 +298,8 @@ class _Builder:
                 python=python,
                 packages=packages,
                 base_image=_str(e.get("base_image")),
+                platforms=platforms,
+                solver=_str(e.get("solver")),
                 line=self.line(base),
             )
         return out

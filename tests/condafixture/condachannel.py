@@ -2,7 +2,9 @@
 
 No conda channel is reachable from the test machines, so the tests make their own::
 
-    <root>/channel/noarch/python-3.11.0-0.tar.bz2        a stand-in, no interpreter
+    <root>/channel/noarch/python-3.11.0-0.tar.bz2        a stand-in, no interpreter (or,
+                                                          with python=, a venv-style
+                                                          link to a real one)
     <root>/channel/noarch/pip-24.0-pyhd8ed1ab_0.tar.bz2   a stand-in (conda-lock adds
                                                           pip when a spec has a pip
                                                           section)
@@ -57,6 +59,7 @@ class Package:
     noarch: str = "python"
     depends: tuple[str, ...] = ()
     files: dict[str, str] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)  # path -> symlink target
 
     @property
     def filename(self) -> str:
@@ -104,26 +107,34 @@ def build_package(pkg: Package, subdir_path: Path) -> Path:
         "noarch": pkg.noarch,
         "timestamp": EPOCH * 1000,
     }
-    paths = {
-        "paths": [
-            {"_path": path, "path_type": "hardlink",
-             "sha256": hashlib.sha256(text.encode()).hexdigest(),
-             "size_in_bytes": len(text.encode())}
-            for path, text in sorted(pkg.files.items())
-        ],
-        "paths_version": 1,
-    }
+    entries = [{"_path": path, "path_type": "hardlink",
+                "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "size_in_bytes": len(text.encode())}
+               for path, text in pkg.files.items()]
+    entries += [{"_path": path, "path_type": "softlink",
+                 "sha256": hashlib.sha256(target.encode()).hexdigest(),
+                 "size_in_bytes": len(target.encode())}
+                for path, target in pkg.links.items()]
+    paths = {"paths": sorted(entries, key=lambda e: e["_path"]), "paths_version": 1}
     members = {
         "info/index.json": json.dumps(index, indent=2, sort_keys=True),
         "info/paths.json": json.dumps(paths, indent=2, sort_keys=True),
-        "info/files": "".join(f"{p}\n" for p in sorted(pkg.files)),
+        "info/files": "".join(f"{p}\n" for p in sorted({*pkg.files, *pkg.links})),
         "info/about.json": json.dumps({"summary": f"{pkg.name}: a mlbuild test package"}),
         **pkg.files,
     }
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(members):
-            _add(tar, name, members[name].encode())
+        for name in sorted({*members, *pkg.links}):
+            if name in pkg.links:
+                info = tarfile.TarInfo(name)
+                info.type = tarfile.SYMTYPE
+                info.linkname = pkg.links[name]
+                info.mtime = EPOCH
+                info.uname = info.gname = ""
+                tar.addfile(info)
+            else:
+                _add(tar, name, members[name].encode())
     out = subdir_path / pkg.filename
     out.write_bytes(bz2.compress(buf.getvalue(), 9))
     return out
@@ -161,12 +172,39 @@ class FixtureChannel:
     def url(self) -> str:
         return self.path.as_uri()
 
+    packages: tuple[Package, ...] = PACKAGES
+
     def archive(self, name: str, version: str) -> Path:
         """The archive of the package ``name`` ``version``."""
-        for pkg in PACKAGES:
+        for pkg in self.packages:
             if (pkg.name, pkg.version) == (name, version):
                 return self.path / "noarch" / pkg.filename
         raise KeyError(f"{name} {version} is not in the fixture channel")
+
+
+def with_interpreter(python: str, system_site: bool = False,
+                     packages: tuple[Package, ...] = PACKAGES) -> tuple[Package, ...]:
+    """``packages`` with a ``python`` that runs: ``bin/python`` links to the interpreter
+    ``python`` (a path where the environment is installed: the host's, or the image's
+    /usr/bin/python3.11) and ``pyvenv.cfg`` makes the prefix its virtual environment,
+    so the prefix's ``lib/python3.11/site-packages`` is on its path, as in a real conda
+    environment. ``pip`` then ships no module: with ``system_site``, the interpreter's
+    own pip (Debian's in the image) is the environment's."""
+    home = str(Path(python).parent)
+    cfg = (f"home = {home}\ninclude-system-site-packages = {str(system_site).lower()}\n"
+           "version = 3.11\n")
+    out = []
+    for pkg in packages:
+        if pkg.name == "python":
+            pkg = Package("python", pkg.version, build=pkg.build, noarch=pkg.noarch,
+                          files={"pyvenv.cfg": cfg},
+                          links={"bin/python": python, "bin/python3": "python",
+                                 "bin/python3.11": "python"})
+        elif pkg.name == "pip":
+            pkg = Package("pip", pkg.version, depends=pkg.depends,
+                          files={"share/pip-stand-in/README": "the interpreter's own pip\n"})
+        out.append(pkg)
+    return tuple(out)
 
 
 def make_channel(root: Path, packages: tuple[Package, ...] = PACKAGES) -> FixtureChannel:
@@ -180,4 +218,4 @@ def make_channel(root: Path, packages: tuple[Package, ...] = PACKAGES) -> Fixtur
     index_channel(channel)
     mapping = root / "pypi-mapping.json"
     mapping.write_text(json.dumps(PYPI_MAPPING, indent=2, sort_keys=True))
-    return FixtureChannel(channel, mapping)
+    return FixtureChannel(channel, mapping, packages)

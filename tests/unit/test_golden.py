@@ -142,7 +142,9 @@ def case_conda(tmp: Path) -> Path:
     return make_project(tmp / "conda", CONDA, {
         "models/net/weights.bin": b"w" * 64,
         "models/net/config.json": '{"layers": 2}\n',
-        "envs/environment.yml": "name: x\ndependencies:\n  - python=3.11\n  - numpy\n",
+        "envs/environment.yml": "name: x\ndependencies:\n  - python=3.11\n  - numpy\n"
+                                "  - pip\n  - pip:\n      - azureml-defaults\n"
+                                "      - inference-schema\n",
         "src/score.py": SCORE,
     })
 

@@ -3,7 +3,10 @@
 The context (``.mlbuild/contexts/<service>/``) holds only what the image needs::
 
     Dockerfile                  rendered from templates/Dockerfile.j2
-    env/requirements.lock.txt   or env/environment.yml: the environment (lock or spec)
+    env/requirements.lock.txt   a pip environment's lock (without its header), or
+    env/conda-lock.yml          a conda environment's lock (its packages alone), and
+    env/installer/mlbuild/...   the installer the image's builder stage runs on it
+    wheels/, conda-pkgs/        offline only: every locked file
     runtime/mlbuild/...         the serving runtime (mlbuild/__init__.py + runtime/)
     models/NAME/VERSION/...     hard links to the registry's blobs
     app/...                     source dir and entry script
@@ -33,7 +36,7 @@ MODEL_ROOT = "/var/mlbuild/models"
 APP_ROOT = "/var/mlbuild/app"
 RUNTIME_ROOT = "/opt/mlbuild"
 CONTAINER_PORT = 5001
-CONDA_BASE_IMAGE = "mambaorg/micromamba:1.5.8-bookworm-slim"
+CONDA_PREFIX = "/opt/conda"
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +77,7 @@ def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], 
 
 class ContextStep(Step):
     kind = "context"
-    version = 3
+    version = 4
     templates = ("Dockerfile.j2",)
 
     def _service(self, ctx):
@@ -98,8 +101,11 @@ class ContextStep(Step):
         env = ctx.project.environments[s.environment]
         d = ctx.digests
         files = {disp: d.file(p) for _, p, disp in app_files(ctx, s)[0]}
-        if env.kind == "conda":  # a pip environment comes in through its lock step
-            files[env.spec_file] = d.file(ctx.project.path(env.spec_file))
+        if env.kind == "conda":  # the environment itself comes in through its lock step
+            from mlbuild.backends.conda import installer_files
+
+            for rel, p in installer_files():
+                files[f"<mlbuild>/{rel.removeprefix('mlbuild/')}"] = d.file(p)
         for sample in (s.schema_input, s.schema_output):
             if sample:
                 files[sample] = d.file(ctx.project.path(sample))
@@ -141,10 +147,19 @@ class ContextStep(Step):
                 dst.write_bytes(data)
                 listing[rel] = hash_bytes(data)
 
-            # The environment spec.
+            # The environment's lock.
+            pip_section = False
+            lock = project.path(upstream[f"lock:{env.name}"]["file"])
             if env.kind == "conda":
-                env_file = "env/environment.yml"
-                put_file(env_file, project.path(env.conda))
+                from mlbuild.backends import conda
+
+                pip_section = check_conda_lock(env, lock, upstream[f"lock:{env.name}"]["file"])
+                # Its packages alone (not the spec's hash): the environment layer is
+                # keyed by what gets installed.
+                env_file = "env/conda-lock.yml"
+                put_text(env_file, conda.install_text(lock))
+                for rel, src in conda.installer_files():
+                    put_file(f"env/installer/{rel}", src)
             else:  # the lock: exact versions with hashes
                 from mlbuild.graph.steps.lock import packages_of
 
@@ -152,8 +167,7 @@ class ContextStep(Step):
                 # is keyed by what is installed alone, so a spec edit that resolves to
                 # the same packages rebuilds nothing, even when other files change.
                 env_file = "env/requirements.lock.txt"
-                put_text(env_file, packages_of(
-                    project.path(upstream[f"lock:{env.name}"]["file"]).read_text()))
+                put_text(env_file, packages_of(lock.read_text()))
 
             # Offline: every wheel, linked from the content-addressed cache.
             wheels = upstream.get(f"wheels:{env.name}")
@@ -165,6 +179,11 @@ class ContextStep(Step):
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     fsutil.link_or_copy(cached_path(ctx, digest, name), dst)
                     listing[f"wheels/{name}"] = digest
+                for name, digest in wheels.get("conda", []):
+                    dst = stage / "conda-pkgs" / name
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    fsutil.link_or_copy(cached_path(ctx, digest, name), dst)
+                    listing[f"conda-pkgs/{name}"] = digest
 
             # The runtime.
             runtime_reqs = None
@@ -216,9 +235,7 @@ class ContextStep(Step):
 
             if env.base_image:
                 base_image = env.base_image
-            elif env.kind == "conda":
-                base_image = CONDA_BASE_IMAGE
-            elif env.python:
+            elif env.python and env.kind != "conda":
                 base_image = f"python:{env.python}-slim"
             else:
                 base_image = DEFAULT_BASE_IMAGE
@@ -231,6 +248,9 @@ class ContextStep(Step):
                 base_image=base_image,
                 env_kind=env.kind,
                 env_file=env_file,
+                pip_section=pip_section,
+                conda_prefix=CONDA_PREFIX,
+                installer_requirements=installer_requirements(),
                 offline=wheels is not None,
                 runtime_requirements=runtime_reqs,
                 runtime_root=RUNTIME_ROOT,
@@ -284,6 +304,32 @@ class ContextStep(Step):
 
     def summary(self, outputs: dict) -> str:
         return f"{len(outputs['files'])} files in {outputs['dir']}"
+
+
+def installer_requirements() -> str:
+    """The builder stage's pip arguments for the conda installer's own packages."""
+    from mlbuild.backends.conda import INSTALLER_REQUIREMENTS
+
+    return " ".join(f"'{r}'" for r in INSTALLER_REQUIREMENTS)
+
+
+def check_conda_lock(env, lock: Path, shown: str) -> bool:
+    """A conda lock an image can be made of: linux-64 packages with python and pip.
+
+    Returns:
+        Whether the lock has a pip section.
+    """
+    from mlbuild.backends import conda
+
+    names = {p.name for p in conda.locked_packages(lock, "linux-64", manager="conda")}
+    for need, why in (("python", "the service runs on it"),
+                      ("pip", "the serving runtime's packages are installed with it")):
+        if need not in names:
+            raise InvalidInput(f"environments.{env.name}: {shown} has no {need} for "
+                               f"linux-64 ({why})",
+                               hint=f"add {need} to the dependencies of {env.conda} and "
+                                    f"lock again (mlbuild lock {env.name})")
+    return bool(conda.locked_packages(lock, "linux-64", manager="pip"))
 
 
 def check_tree(ctx: BuildContext, root: Path, files: dict[str, str], shown: str,

@@ -1,4 +1,4 @@
-"""``lock`` steps: a pip environment resolved to exact versions with hashes.
+"""``lock`` steps: an environment resolved to exact versions with hashes.
 
     lock:sklearn ──▶ context:diabetes ──▶ image / package / process
 
@@ -14,6 +14,16 @@ the spec (or the Python) changed; the existing lock is given to uv as the prefer
 so versions move only where the spec made them. ``mlbuild lock --upgrade`` moves
 everything to the newest allowed. ``--frozen`` (CI) never writes a lock: a lock that
 does not match its spec is an error saying to run ``mlbuild lock``.
+
+A conda environment (``conda: environment.yml``, with an optional ``- pip:`` section)
+is locked by the real conda-lock (:mod:`mlbuild.backends.conda`) for its
+``platforms`` (default linux-64) into ``conda-lock.yml`` beside the spec
+(``<stem>.conda-lock.yml`` for a spec not named environment.yml), with the same kind
+of first line. The solver is ``$MLBUILD_CONDA_EXE``, else the environment's
+``solver:``, else micromamba/mamba/conda on PATH; ``$MLBUILD_PYPI_TO_CONDA_MAPPING``
+names a PyPI -> conda name-mapping file for networks where conda-lock's default (on
+GitHub) is unreachable. Its identity is :func:`mlbuild.backends.conda.install_text`:
+the packages alone.
 
 Azure ML v1 migration: ``azureml-defaults``, ``azureml-core`` and
 ``azureml-contrib-services`` are dropped before locking, with a notice — mlbuild's
@@ -44,8 +54,16 @@ _HEADER_RE = re.compile(r"^# mlbuild lock: spec (\S+); python (\S+); platform (\
 _NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
+CONDA_HEADER = "# mlbuild lock: spec {spec}; platforms {platforms}\n"
+
+
 def lock_path(env) -> str:
-    """The lock file of a pip environment, relative to the project."""
+    """The lock file of an environment, relative to the project."""
+    if env.conda:
+        folder, _, name = env.conda.rpartition("/")
+        stem = name.rsplit(".", 1)[0]
+        lock = "conda-lock.yml" if stem == "environment" else f"{stem}.conda-lock.yml"
+        return f"{folder}/{lock}" if folder else lock
     if env.requirements:
         spec = env.requirements
         stem = spec[:-4] if spec.endswith(".txt") else spec
@@ -73,6 +91,14 @@ def spec_lines(ctx: BuildContext, env) -> tuple[list[str], list[str]]:
         else:
             kept.append(line)
     return kept, dropped
+
+
+def first_line(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline()
+    except OSError:
+        return None
 
 
 def read_header(path: Path) -> tuple[str, str, str] | None:
@@ -139,8 +165,8 @@ class LockStep(Step):
         # The spec only: the lock file is this step's output (check_outputs notices
         # when it changes, e.g. a teammate's lock arriving with git pull).
         env = self._env(ctx)
-        if env.requirements:
-            return {env.requirements: ctx.digests.file(ctx.project.path(env.requirements))}
+        if env.spec_file:
+            return {env.spec_file: ctx.digests.file(ctx.project.path(env.spec_file))}
         return {}
 
     def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
@@ -153,11 +179,46 @@ class LockStep(Step):
         return None
 
     def spec_digest(self, ctx: BuildContext, env) -> str:
-        kept, _ = spec_lines(ctx, env)
-        return hash_bytes("\n".join(kept).encode()).split(":")[-1][:16]
+        if env.conda:
+            text = ctx.project.path(env.conda).read_bytes()
+        else:
+            text = "\n".join(spec_lines(ctx, env)[0]).encode()
+        return hash_bytes(text).split(":")[-1][:16]
+
+    def _refuse_frozen(self, env, rel: str, lock: Path):
+        what = "is missing" if not lock.exists() else "does not match its spec"
+        raise StepFailed(self.id, f"{rel} {what} ({env.spec_file or 'packages'})",
+                         hint=f"run mlbuild lock {env.name} and commit {rel}")
+
+    def _run_conda(self, ctx: BuildContext, env) -> dict:
+        from mlbuild.backends import conda
+
+        rel = lock_path(env)
+        lock = ctx.project.path(rel)
+        header = CONDA_HEADER.format(spec=self.spec_digest(ctx, env),
+                                     platforms=",".join(env.platforms))
+        upgrade = bool(ctx.options.get("upgrade"))
+        if first_line(lock) == header and not upgrade:
+            return self._outputs(ctx, rel, lock, "up to date with its spec", env)
+        if ctx.options.get("frozen"):
+            self._refuse_frozen(env, rel, lock)
+        ctx.log(f"  locking     {env.conda} with conda-lock for {', '.join(env.platforms)}")
+        try:
+            result = conda.lock(ctx.project.path(env.conda), lock, platforms=env.platforms,
+                                solver=env.solver, upgrade=upgrade, header=header,
+                                mapping=os.environ.get(conda.MAPPING_ENV) or None)
+        except conda.LockFailed as e:
+            raise StepFailed(self.id, f"environment {env.name} does not resolve "
+                                      f"({env.conda}): {e}", hint=e.hint) from None
+        for name in result.dropped:
+            ctx.log(f"  notice      {name} dropped from environment {env.name}: mlbuild's "
+                    "runtime replaces it")
+        return self._outputs(ctx, rel, lock, "upgraded" if upgrade else "locked", env)
 
     def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
         env = self._env(ctx)
+        if env.conda:
+            return self._run_conda(ctx, env)
         project = ctx.project
         rel = lock_path(env)
         lock = project.path(rel)
@@ -169,9 +230,7 @@ class LockStep(Step):
         if read_header(lock) == want and not upgrade:
             return self._outputs(ctx, rel, lock, "up to date with its spec")
         if ctx.options.get("frozen"):
-            what = "is missing" if not lock.exists() else "does not match its spec"
-            raise StepFailed(self.id, f"{rel} {what} ({env.requirements or 'packages'})",
-                             hint=f"run mlbuild lock {env.name} and commit {rel}")
+            self._refuse_frozen(env, rel, lock)
         for name in dropped:
             ctx.log(f"  notice      {name} dropped from environment {env.name}: mlbuild's "
                     "runtime replaces it")
@@ -187,11 +246,18 @@ class LockStep(Step):
                             + body)
         return self._outputs(ctx, rel, lock, "upgraded" if upgrade else "locked")
 
-    def _outputs(self, ctx: BuildContext, rel: str, lock: Path, how: str) -> dict:
-        text = lock.read_text()
-        pins = sum(1 for line in text.splitlines() if re.match(r"^[A-Za-z0-9].*==", line))
+    def _outputs(self, ctx: BuildContext, rel: str, lock: Path, how: str, env=None) -> dict:
+        if env is not None and env.conda:
+            from mlbuild.backends import conda
+
+            body = conda.install_text(lock)
+            pins = len(conda.locked_packages(lock, "linux-64"))
+        else:
+            text = lock.read_text()
+            body = packages_of(text)
+            pins = sum(1 for line in text.splitlines() if re.match(r"^[A-Za-z0-9].*==", line))
         return {"file": rel, "digest": ctx.digests.file(lock), "pins": pins, "how": how,
-                "packages_digest": hash_bytes(packages_of(text).encode())}
+                "packages_digest": hash_bytes(body.encode())}
 
     def identity(self, outputs: dict):
         # What gets installed, not the header: a spec edit that resolves to the same

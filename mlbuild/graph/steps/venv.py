@@ -11,8 +11,12 @@ is made in a staging folder and renamed into place, so an interrupted install le
 nothing that looks finished. Environments no deployment uses any more are removed
 when a new one of the same name is made.
 
-conda environments are refused on this target for now: making one needs a conda
-solver and channels (the environments issue brings locking and the solver).
+A conda environment becomes a conda prefix instead, installed from its lock exactly as
+in an image: ``python -m mlbuild.backends.conda install`` (py-rattler; run as a child
+process, whose exit py-rattler cannot crash), then the lock's pip section and the
+runtime's requirements with uv. A conda prefix holds its own path in its files, so it
+is installed in place (not staged and renamed); the marker written last tells a
+finished one from an interrupted one.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 from pathlib import Path
 
 from mlbuild import fsutil
-from mlbuild.errors import NotSupported, StepFailed
+from mlbuild.errors import StepFailed
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.state.digest import hash_json
 
@@ -47,19 +51,13 @@ def uv_bin() -> str:
 
 class VenvStep(Step):
     kind = "venv"
-    version = 1
+    version = 2
 
     def _env(self, ctx: BuildContext):
         return ctx.project.environments[self.params["environment"]]
 
     def config(self, ctx: BuildContext) -> dict:
         env = self._env(ctx)
-        if env.kind == "conda":
-            raise NotSupported(
-                f"environments.{env.name}: the process target cannot make a conda "
-                f"environment yet ({env.conda})",
-                hint="use a pip environment (requirements: FILE, or python + packages) "
-                     "for the process target, or deploy a package or docker target")
         return {f"environments.{env.name}": env.config()}
 
     def inputs(self, ctx: BuildContext) -> dict[str, str]:
@@ -68,6 +66,8 @@ class VenvStep(Step):
 
     def extra(self, ctx: BuildContext) -> dict:
         env = self._env(ctx)
+        if env.kind == "conda":  # the lock (upstream) names its Python
+            return {"platform": sys.platform}
         return {"python": env.python or f"{sys.version_info[0]}.{sys.version_info[1]}",
                 "platform": sys.platform}
 
@@ -98,21 +98,36 @@ class VenvStep(Step):
             except OSError:
                 pass
             shutil.rmtree(final)  # unfinished
-        stage = fsutil.staging_dir(final)
+        lock = project.path(upstream[f"lock:{env.name}"]["file"])
+        # A conda prefix is made in place (see the module doc), a venv beside it.
+        stage = final if env.kind == "conda" else fsutil.staging_dir(final)
         log_path = ctx.state_dir / "logs" / f"venv-{env.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         uv = uv_bin()
         python = env.python or sys.executable
-        lock = project.path(upstream[f"lock:{env.name}"]["file"])
         run_env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", VIRTUAL_ENV="")
         # A TLS-intercepting proxy's CA lives in the system store; uv's built-in roots
         # would not trust it.
         run_env.setdefault("UV_NATIVE_TLS", "1")
         in_venv = ["--python", str(stage / "bin" / "python")]
-        commands = [[uv, "venv", "--quiet", "--python", python, str(stage)],
-                    [uv, "pip", "install", *in_venv, "--require-hashes", "--no-deps",
-                     "-r", str(lock)],
-                    [uv, "pip", "install", *in_venv, "-r", str(runtime_requirements())]]
+        if env.kind == "conda":
+            from mlbuild.backends import conda
+
+            pip_lock = log_path.with_name(f"venv-{env.name}.pip.lock.txt")
+            pip_lock.write_text(conda.pip_requirements(lock))
+            commands = [[sys.executable, "-m", "mlbuild.backends.conda", "install", str(lock),
+                         str(stage), "--platform", "linux-64",
+                         "--cache-dir", str(ctx.state_dir / "conda-pkgs")],
+                        [uv, "pip", "install", *in_venv, "--require-hashes", "--no-deps",
+                         "-r", str(pip_lock)],
+                        [uv, "pip", "install", *in_venv, "-r", str(runtime_requirements())]]
+            if not pip_lock.read_text():
+                del commands[1]
+        else:
+            commands = [[uv, "venv", "--quiet", "--python", python, str(stage)],
+                        [uv, "pip", "install", *in_venv, "--require-hashes", "--no-deps",
+                         "-r", str(lock)],
+                        [uv, "pip", "install", *in_venv, "-r", str(runtime_requirements())]]
         try:
             with open(log_path, "w", encoding="utf-8") as log:
                 for cmd in commands:
@@ -123,7 +138,8 @@ class VenvStep(Step):
                     if rc != 0:
                         lines = log_path.read_text(errors="replace").splitlines()[-15:]
                         what = "no Python " + python + " found" if cmd[1] == "venv" \
-                            else "installing the packages failed"
+                            else "installing the conda packages failed" \
+                            if cmd[0] == sys.executable else "installing the packages failed"
                         raise StepFailed(self.id, f"{what} (uv exit {rc}); last lines of "
                                          f"{os.path.relpath(log_path, project.root)}:\n    "
                                          + "\n    ".join(lines),
@@ -132,7 +148,8 @@ class VenvStep(Step):
                                               f"install Python {python}, or drop "
                                               f"environments.{env.name}.python")
             (stage / MARKER).write_text(marker)
-            os.rename(stage, final)
+            if stage != final:
+                os.rename(stage, final)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

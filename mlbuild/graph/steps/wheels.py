@@ -9,6 +9,13 @@ with ``pip download`` (which checks the lock's hashes) into a content-addressed 
 The Dockerfile then installs with ``--no-index`` from them alone, so ``docker build
 --network none`` of the package directory works. A wheel already in the cache is
 never fetched again: the cache is offered to pip as its download folder.
+
+A conda environment's lock gives three kinds of files, all in the same cache (keyed by
+sha256): its linux-64 conda archives (downloaded from the lock's URLs and checked
+against its hashes; they go to the context's ``conda-pkgs/``), the wheels of its pip
+section and of the runtime's requirements for the environment's Python, and the
+wheels of the image builder stage's installer (py-rattler, PyYAML) for the base
+image's Python.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from mlbuild import fsutil
-from mlbuild.errors import NotSupported, StepFailed
+from mlbuild.errors import MlbuildError, StepFailed
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.graph.steps.lock import DEFAULT_PYTHON
 from mlbuild.graph.steps.venv import runtime_requirements
@@ -43,31 +50,22 @@ def cached_path(ctx: BuildContext, digest: str, name: str) -> Path:
 
 class WheelsStep(Step):
     kind = "wheels"
-    version = 1
+    version = 2
 
     def _env(self, ctx: BuildContext):
         return ctx.project.environments[self.params["environment"]]
 
     def config(self, ctx: BuildContext) -> dict:
         env = self._env(ctx)
-        if env.kind == "conda":
-            raise NotSupported(f"environments.{env.name}: offline packages of conda "
-                               "environments are not built yet",
-                               hint="use a pip environment for an offline package")
         return {f"environments.{env.name}.python": env.python}
 
     def inputs(self, ctx: BuildContext) -> dict[str, str]:
         return {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
 
-    def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
-        for name, digest in outputs["wheels"]:
-            if not cached_path(ctx, digest, name).is_file():
-                return f"wheel {name} missing from the cache"
-        return None
-
-    def _download(self, ctx: BuildContext, dest: Path, args: list[str]) -> set[str]:
+    def _download(self, ctx: BuildContext, dest: Path, args: list[str],
+                  python: str | None = None) -> set[str]:
         """pip download into ``dest``; returns the names of the files it used."""
-        python = self._env(ctx).python or DEFAULT_PYTHON
+        python = python or self._env(ctx).python or DEFAULT_PYTHON
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
                "--progress-bar", "off",
                "--only-binary=:all:", "--implementation", "cp", "--python-version", python,
@@ -99,10 +97,15 @@ class WheelsStep(Step):
                 if p.name not in known:
                     known[p.name] = p
                     fsutil.link_or_copy(p, dl / p.name)
-            used = self._download(ctx, dl, ["--require-hashes", "--no-deps", "-r", str(lock)])
-            used |= self._download(ctx, dl, ["-r", str(runtime_requirements())])
-            wheels = []
+            conda_pkgs: list[list[str]] = []
             new = 0
+            if env.kind == "conda":
+                conda_pkgs, new = self._conda_archives(ctx, lock, dl)
+                used = self._conda_wheels(ctx, lock, dl)
+            else:
+                used = self._download(ctx, dl, ["--require-hashes", "--no-deps", "-r", str(lock)])
+                used |= self._download(ctx, dl, ["-r", str(runtime_requirements())])
+            wheels = []
             for name in sorted(used):
                 f = dl / name
                 digest = hash_file(f)
@@ -113,10 +116,69 @@ class WheelsStep(Step):
                     os.replace(f, dest)
                     new += 1
                 wheels.append([name, digest])
-        return {"wheels": wheels, "downloaded": new}
+        out = {"wheels": wheels, "downloaded": new}
+        if env.kind == "conda":
+            out["conda"] = conda_pkgs
+        return out
+
+    def _conda_wheels(self, ctx: BuildContext, lock: Path, dl: Path) -> set[str]:
+        from mlbuild.backends import conda
+
+        python = conda.python_version(lock) or DEFAULT_PYTHON
+        used = set()
+        pip_lock = conda.pip_requirements(lock)
+        if pip_lock:
+            req = dl.parent / "pip.lock.txt"
+            req.write_text(pip_lock)
+            used |= self._download(ctx, dl, ["--require-hashes", "--no-deps", "-r", str(req)],
+                                   python)
+        used |= self._download(ctx, dl, ["-r", str(runtime_requirements())], python)
+        # The builder stage runs the installer on the base image's own Python.
+        used |= self._download(ctx, dl, list(conda.INSTALLER_REQUIREMENTS), DEFAULT_PYTHON)
+        return used
+
+    def _conda_archives(self, ctx: BuildContext, lock: Path, dl: Path) -> tuple[list, int]:
+        """The lock's linux-64 conda archives in the cache: ``[[file, digest]]`` and
+        how many were downloaded."""
+        import shutil
+        import urllib.request
+
+        from mlbuild.backends import conda
+
+        out, new = [], 0
+        for pkg in conda.locked_packages(lock, "linux-64", manager="conda"):
+            if pkg.sha256 and cached_path(ctx, f"sha256:{pkg.sha256}", pkg.filename).is_file():
+                out.append([pkg.filename, f"sha256:{pkg.sha256}"])
+                continue
+            f = dl / pkg.filename
+            try:
+                with urllib.request.urlopen(pkg.url, timeout=60) as r, open(f, "wb") as w:
+                    shutil.copyfileobj(r, w, 1 << 20)
+                conda.verify(f, pkg)
+            except MlbuildError as e:
+                raise StepFailed(self.id, str(e), hint=e.hint) from None
+            except OSError as e:
+                raise StepFailed(self.id, f"fetching {pkg.url} failed: {e}",
+                                 hint="check the channel can be reached, then deploy again") \
+                    from None
+            digest = hash_file(f)
+            dest = cached_path(ctx, digest, pkg.filename)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(f, 0o444)
+            os.replace(f, dest)
+            new += 1
+            out.append([pkg.filename, digest])
+        return out, new
 
     def identity(self, outputs: dict):
-        return outputs["wheels"]
+        return [outputs["wheels"], outputs.get("conda", [])]
+
+    def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
+        for name, digest in outputs["wheels"] + outputs.get("conda", []):
+            if not cached_path(ctx, digest, name).is_file():
+                return f"{name} missing from the cache"
+        return None
 
     def summary(self, outputs: dict) -> str:
-        return f"{len(outputs['wheels'])} wheels ({outputs['downloaded']} downloaded)"
+        conda = f" and {len(outputs['conda'])} conda packages" if "conda" in outputs else ""
+        return f"{len(outputs['wheels'])} wheels{conda} ({outputs['downloaded']} downloaded)"
