@@ -120,7 +120,7 @@ class ContainerStep(RunningServiceStep):
         project, target = ctx.project, ctx.target
         s = self._service(ctx)
         image = upstream[f"image:{s.name}"]["tag"]
-        context = upstream[f"context:{s.name}"]
+        context = next(v for k, v in upstream.items() if k.startswith("context:"))  # or +offline
         name = container_name(project, s.name, target.name)
         port = service_port(project, target, s.name)
         eng = engine(ctx)

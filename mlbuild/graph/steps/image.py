@@ -81,7 +81,7 @@ class ImageStep(Step):
     def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
         service = self.params["service"]
         project = ctx.project
-        context = upstream[f"context:{service}"]
+        context = next(v for k, v in upstream.items() if k.startswith("context:"))  # or +offline
         tag = image_tag(project, service, fingerprint)
         eng = engine(ctx)
         built = cached = 0
