@@ -56,41 +56,21 @@ packages")
     mlbuild.backends.conda install LOCK PREFIX``. (py-rattler 0.28 can crash the
     interpreter's exit after its work, so that command ends with ``os._exit``.)
 
-    The Dockerfile steps recommended for the context/template wiring (a builder stage,
-    so neither py-rattler nor the package cache reaches the final image)::
+    templates/Dockerfile.j2 uses it in a builder stage (``FROM base AS conda-env``),
+    so neither py-rattler nor the package cache reaches the final image: pip-install
+    :data:`INSTALLER_REQUIREMENTS`, copy the installer folder and the lock reduced by
+    :func:`install_text`, ``install`` into /opt/conda, then the lock's pip section
+    (``pip-requirements``, installed ``--require-hashes --no-deps`` by the
+    environment's own pip) and the runtime's requirements. The final stage copies
+    /opt/conda (the same path: prefixes were replaced for it) and puts its bin first
+    on PATH. Both stages use the environment's base image (default python:3.11-slim:
+    glibc for the conda packages, and a Python with pip for the installer).
 
-        FROM python:3.11-slim AS conda-env            # any glibc image with pip works
-        RUN python -m pip install --no-cache-dir "py-rattler>=0.28,<0.29" "pyyaml>=6"
-        # env/installer/ = mlbuild/__init__.py, mlbuild/errors.py,
-        #                  mlbuild/backends/__init__.py, mlbuild/backends/conda.py
-        COPY env/installer/ /opt/mlbuild-installer/
-        COPY env/conda-lock.yml /opt/mlbuild-env/conda-lock.yml    # install_text()
-        RUN PYTHONPATH=/opt/mlbuild-installer python -m mlbuild.backends.conda \\
-              install /opt/mlbuild-env/conda-lock.yml /opt/conda --platform linux-64
-        # only when the spec has a pip section (conda-lock then locks pip itself):
-        RUN PYTHONPATH=/opt/mlbuild-installer python -m mlbuild.backends.conda \\
-              pip-requirements /opt/mlbuild-env/conda-lock.yml --platform linux-64 \\
-              > /opt/mlbuild-env/pip.lock.txt \\
-         && /opt/conda/bin/python -m pip install --no-deps --require-hashes \\
-              --requirement /opt/mlbuild-env/pip.lock.txt
-
-        FROM python:3.11-slim                         # glibc for the conda packages
-        COPY --from=conda-env /opt/conda /opt/conda   # same path: prefixes were replaced
-        ENV PATH=/opt/conda/bin:$PATH                 # python, pip of the environment
-        ... (the rest of Dockerfile.j2: user, runtime requirements, runtime, models)
-
-    Both stages use the pip environments' default base (python:3.11-slim): no image can
-    be pulled on this machine and that tag is the one base .ci/engines.sh provides; any
-    glibc image would do for the final stage (its own Python is shadowed by PATH).
-    ``CONDA_BASE_IMAGE`` (mambaorg/micromamba) and the ``micromamba install --file
-    environment.yml`` of Dockerfile.j2 are then no longer needed.
-
-    Offline (``--network none``): put the locked archives in the context
-    (``conda-pkgs/``, verified against the lock's hashes) and the py-rattler and
-    PyYAML wheels for the builder's Python, then ``pip install --no-index
-    --find-links`` them and run ``install ... --packages /opt/mlbuild-env/conda-pkgs``:
-    every package is then read from that folder and checked against its lock hash. The
-    pip section's wheels go through ``pip-requirements --wheels DIR``.
+    Offline (``--network none``): the context holds the locked archives
+    (``conda-pkgs/``, fetched and verified by the ``wheels`` step) and the wheels of
+    the installer, the pip section and the runtime; the builder installs from them
+    alone (``install --packages DIR``, ``pip-requirements --wheels DIR``,
+    ``pip install --no-index``).
 
     Hashes: py-rattler checks the sha256 of what it downloads over http(s) but not of
     file:// packages, so :func:`install_locked` checks local files itself.

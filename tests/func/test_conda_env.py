@@ -204,7 +204,27 @@ def test_offline_package_fetches_every_file_once(project):
     assert "--no-index" in dockerfile and "AS conda-env" in dockerfile
 
     # Again from a clean state: the cache holds every file, nothing is downloaded.
+    first = wheels["summary"].split(" (")[0]
+    files = sorted(p.relative_to(pkg) for p in pkg.rglob("*") if p.is_file())
     cli("clean")
     out = cli.json("deploy", "bundle", timeout=TIMEOUT)
     wheels = next(s for s in out["steps"] if s["id"] == "wheels:tiny")
-    assert "(0 downloaded)" in wheels["summary"]
+    assert wheels["summary"] == f"{first} (0 downloaded)"
+    assert sorted(p.relative_to(pkg) for p in pkg.rglob("*") if p.is_file()) == files
+
+
+def test_a_hash_mismatch_stops_the_build_and_names_the_file(project):
+    import yaml
+
+    root, cli, _ = project
+    cli("lock", timeout=TIMEOUT)
+    lock = root / "envs/myenv.conda-lock.yml"
+    text = lock.read_text()
+    (tinydep,) = [p for p in yaml.safe_load(text)["package"] if p["name"] == "tinydep"]
+    # The channel's archive is no longer the one locked (as if replaced upstream).
+    lock.write_text(text.replace(tinydep["hash"]["sha256"], "f" * 64))
+    r = cli("deploy", "bundle", check=1, timeout=TIMEOUT)
+    assert "FAILED      wheels:tiny" in r.stderr
+    assert "tinydep-0.2-pyhd8ed1ab_0.tar.bz2: sha256 " in r.stderr
+    assert f"is not the locked {'f' * 64} (tinydep 0.2)" in r.stderr
+    assert "Traceback" not in r.stderr and not (root / "dist/bundle").exists()

@@ -259,16 +259,6 @@ def test_interrupted_deploy_leaves_no_process(dev):
     assert r.stdout.strip() == "", "a runtime survived the interrupted deploy"
 
 
-def test_conda_environment_is_refused_plainly(dev):
-    cli, _, _ = dev
-    m = cli.cwd / "mlproject.yaml"
-    m.write_text(m.read_text().replace("requirements: envs/requirements.txt",
-                                       "conda: envs/sklearn.yml"))
-    r = cli("deploy", check=3)
-    assert "cannot make a conda environment yet" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
 def test_invoke_errors(dev):
     cli, url, _ = dev
     r = cli("invoke", "diabetes", "--data", "{}", check=3)

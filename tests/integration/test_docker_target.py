@@ -253,7 +253,10 @@ def test_offline_package_builds_without_network(proj, docker_client, run_id):
                         f"dev.mlbuild.test={run_id}", "-t", tag, str(pkg)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    # Fetched once: after clean, the wheels come from the cache.
+    # Fetched once: after clean, the same wheels come from the cache.
+    first = wheels["summary"].split(" wheels")[0]
+    names = sorted(p.name for p in (pkg / "wheels").iterdir())
     proj.mlbuild("clean")
     out = json.loads(proj.mlbuild("--json", "deploy", "bundle", "--offline").stdout)
-    assert step(out, "wheels:sklearn")["summary"].endswith("(0 downloaded)")
+    assert step(out, "wheels:sklearn")["summary"] == f"{first} wheels (0 downloaded)"
+    assert sorted(p.name for p in (pkg / "wheels").iterdir()) == names

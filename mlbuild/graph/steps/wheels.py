@@ -79,6 +79,7 @@ class WheelsStep(Step):
                                   "locked: re-lock (mlbuild lock) only if you trust the change")
         used = set()
         for line in r.stdout.splitlines():
+            line = line.strip()  # pip indents "File was already downloaded"
             for prefix in ("Saved ", "File was already downloaded "):
                 if line.startswith(prefix):
                     used.add(Path(line[len(prefix):].strip()).name)

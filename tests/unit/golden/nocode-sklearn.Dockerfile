@@ -17,8 +17,8 @@ RUN (getent group mlbuild || groupadd --system --gid 10001 mlbuild) \
  && chown mlbuild:mlbuild /var/mlbuild
 
 # The environment.
-# NOTE: pip environments drop the packages' own test suites in the RUN that installs
-# them (numpy/scipy/scikit-learn: 60 MB of the demo's 270 MB, with their .pyc): no
+# NOTE: the packages' own test suites are dropped in the RUN that installs them
+# (numpy/scipy/scikit-learn: 60 MB of the demo's 270 MB, with their .pyc): no
 # service imports them, and removed in a later step they would stay in this layer. The
 # .pyc files pip compiles stay: without them each container start compiles
 # numpy/scipy/sklearn again (+1.3 to +1.9 s a start measured, two starts a redeploy).
