@@ -151,3 +151,17 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     finally:
         subprocess.run("mlbuild down", shell=True, cwd=proj, env=env, capture_output=True,
                        timeout=120)
+
+
+def test_readme_benchmark_scripts_start():
+    """Every benchmark the README lists exists and parses its arguments (`--help`);
+    the measurements themselves are run by hand."""
+    import sys
+
+    lines = readme_block("Benchmarks").splitlines()
+    scripts = [line.split()[1] for line in lines if line.startswith("python bench/")]
+    assert len(scripts) == len(lines) and len(scripts) >= 7
+    for script in scripts:
+        r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "usage:" in r.stdout, f"{script}: {r.stderr}"
