@@ -6,6 +6,7 @@ rebuild, Azure ML v1 packages dropped with a notice, errors that name the packag
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from clitools import CLI
@@ -103,3 +104,17 @@ def test_inline_packages_lock_under_locks(tmp_path: Path):
     assert "six==" in (proj / "locks/tiny.lock.txt").read_text()
     data = json.loads(cli("--json", "lock").stdout)
     assert data[0]["id"] == "lock:tiny"
+
+
+def test_a_hash_mismatch_stops_the_build_and_names_the_file(cli: CLI, diabetes: Path):
+    lock = diabetes / LOCK
+    text = lock.read_text()
+    # joblib's hashes replaced: the files on PyPI are no longer the ones locked.
+    block = text[text.index("joblib=="):].split("\n", 3)
+    block = "\n".join(block[:3])
+    assert block.count("--hash=sha256:") == 2
+    lock.write_text(text.replace(block, re.sub(r"sha256:[0-9a-f]{64}", "sha256:" + "f" * 64, block)))
+    r = cli("deploy", "bundle", "--offline", check=1, timeout=300)
+    assert "FAILED      wheels:sklearn" in r.stderr
+    assert "THESE PACKAGES DO NOT MATCH THE HASHES" in r.stderr and "joblib" in r.stderr
+    assert "Traceback" not in r.stderr and not (diabetes / "dist/package").exists()
