@@ -253,6 +253,11 @@ def test_offline_package_builds_without_network(proj, docker_client, run_id):
                         f"dev.mlbuild.test={run_id}", "-t", tag, str(pkg)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
+    # Installed in a builder stage: the packages are in the image, the wheels are not.
+    r = subprocess.run(["docker", "run", "--rm", "--network", "none", tag, "sh", "-c",
+                        "test ! -e /opt/mlbuild-env && python -c 'import sklearn, uvicorn'"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
     # Fetched once: after clean, the same wheels come from the cache.
     first = wheels["summary"].split(" wheels")[0]
     names = sorted(p.name for p in (pkg / "wheels").iterdir())
