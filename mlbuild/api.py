@@ -702,7 +702,7 @@ def prepare_serve(service: str, directory=".", file=None, host: str = "127.0.0.1
 
     from mlbuild.graph.executor import execute
     from mlbuild.graph.planner import service_steps
-    from mlbuild.graph.steps.context import APP_ROOT, MODEL_ROOT
+    from mlbuild.graph.steps.context import MODEL_ROOT, map_image_path
 
     with session(directory, file, lock=True) as s:
         p = s.project
@@ -716,10 +716,8 @@ def prepare_serve(service: str, directory=".", file=None, host: str = "127.0.0.1
             str(p.path(svc.entry_script).parent) if svc.entry_script else str(p.root)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MLBUILD_", "AZUREML_", "AML_"))}
-        for k, v in context["env"].items():
-            if v.startswith(MODEL_ROOT):
-                v = str(ctx_dir / "models") + v[len(MODEL_ROOT):]
-            env[k] = v
+        env.update({k: map_image_path(v, {MODEL_ROOT: ctx_dir / "models"})
+                    for k, v in context["env"].items()})
         env["AML_APP_ROOT"] = app_root
         env["MLBUILD_AUTH"] = "none"
         if svc.entry_script:

@@ -233,7 +233,7 @@ def test_package_with_image_tar(proj):
 
     r = proj.mlbuild("deploy", "bundle", "--image-tar")
     tar = proj.root / "dist/package/diabetes.image.tar"
-    assert f"docker load -i dist/package/diabetes.image.tar" in r.stdout
+    assert "docker load -i dist/package/diabetes.image.tar" in r.stdout
     with tarfile.open(tar) as tf:
         assert "manifest.json" in tf.getnames()
     assert proj.mlbuild("--json", "deploy", "bundle", "--image-tar").stdout.count('"ran"') == 0

@@ -214,3 +214,14 @@ def test_conda_image_healthcheck_finds_python(tmp_path):
                   and "healthz" in l)
     assert re.search(r"^ENV PATH=/opt/conda/bin[:\"]", dockerfile, re.M) \
         or '"/opt/conda/bin/python"' in health or "_entrypoint.sh" in health
+
+
+def test_image_paths_map_on_folder_boundaries(tmp_path):
+    from mlbuild.graph.steps.context import MODEL_ROOT, map_image_path
+
+    roots = {MODEL_ROOT: tmp_path / "models"}
+    assert map_image_path(MODEL_ROOT, roots) == str(tmp_path / "models")
+    assert map_image_path(f"{MODEL_ROOT}/ridge/1/m.pkl", roots) == \
+        str(tmp_path / "models/ridge/1/m.pkl")
+    assert map_image_path(f"{MODEL_ROOT}2/x", roots) == f"{MODEL_ROOT}2/x"  # another folder
+    assert map_image_path("key", roots) == "key"

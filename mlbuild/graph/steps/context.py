@@ -306,6 +306,15 @@ class ContextStep(Step):
         return f"{len(outputs['files'])} files in {outputs['dir']}"
 
 
+def map_image_path(value: str, roots: dict[str, Path]) -> str:
+    """``value`` (a path inside the image) with the first of ``roots`` (image folder ->
+    folder on this machine) it lies in replaced; other values as they are."""
+    for inside, outside in roots.items():
+        if value == inside or value.startswith(inside + "/"):
+            return str(outside) + value[len(inside):]
+    return value
+
+
 def installer_requirements() -> str:
     """The builder stage's pip arguments for the conda installer's own packages."""
     from mlbuild.backends.conda import INSTALLER_REQUIREMENTS

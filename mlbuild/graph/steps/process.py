@@ -29,7 +29,7 @@ from mlbuild import fsutil
 from mlbuild.backends import process as proc
 from mlbuild.errors import StepFailed
 from mlbuild.graph.step import BuildContext, Step
-from mlbuild.graph.steps.context import APP_ROOT, MODEL_ROOT
+from mlbuild.graph.steps.context import APP_ROOT, MODEL_ROOT, map_image_path
 from mlbuild.state import keys as keystore
 from mlbuild.state.digest import hash_json
 
@@ -178,13 +178,9 @@ class ProcessStep(RunningServiceStep):
 
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MLBUILD_", "AZUREML_", "AML_", "PYTHON"))}
-        for k, v in context["env"].items():
-            for inside, outside in ((MODEL_ROOT, release / "models"),
-                                    (APP_ROOT, release / "app"),
-                                    (_SAMPLES_ROOT, release / "samples")):
-                if v == inside or v.startswith(inside + "/"):
-                    v = str(outside) + v[len(inside):]
-            env[k] = v
+        roots = {MODEL_ROOT: release / "models", APP_ROOT: release / "app",
+                 _SAMPLES_ROOT: release / "samples"}
+        env.update({k: map_image_path(v, roots) for k, v in context["env"].items()})
         env.update(PYTHONPATH=str(release / "runtime"), PYTHONUNBUFFERED="1",
                    PYTHONDONTWRITEBYTECODE="1", MLBUILD_REUSE_PORT="1",
                    MLBUILD_READY_FILE=str(release / proc.READY_FILE))
