@@ -617,9 +617,25 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _json_error(message: str, hint: str | None, code: int, problems=None) -> None:
+    """With --json, stdout holds JSON even when the command failed: the error."""
+    err: dict = {"message": message, "hint": hint, "exit_code": code}
+    if problems is not None:
+        err["problems"] = [{"file": p.file, "line": p.line, "path": p.path,
+                            "message": p.message} for p in problems]
+    try:
+        click.echo(json.dumps({"error": err}, indent=2))
+    except BrokenPipeError:
+        pass
+
+
 def main(argv=None) -> None:
     """Entry point of the ``mlbuild`` console script and ``python -m mlbuild``."""
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    verbose = "-v" in args or "--verbose" in args
+    # Global options come before the command; a value equal to "--json" later is not one.
+    as_json = "--json" in args[:next((i for i, a in enumerate(args) if a in cli.commands),
+                                     len(args))]
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGHUP, _sigterm)  # a closed terminal stops us cleanly too
     try:
@@ -636,6 +652,8 @@ def main(argv=None) -> None:
     except click.exceptions.ClickException as e:
         e.show()
         code = EXIT_INVALID
+        if as_json:
+            _json_error(e.format_message(), None, code)
     except click.exceptions.Exit as e:
         code = e.exit_code
     except MlbuildError as e:
@@ -647,6 +665,8 @@ def main(argv=None) -> None:
         if e.hint:
             click.echo(f"hint: {e.hint}", err=True)
         code = e.exit_code
+        if as_json:
+            _json_error(e.message, e.hint, code, getattr(e, "problems", None))
     except KeyboardInterrupt:
         click.echo(INTERRUPTED, err=True)
         code = EXIT_INTERRUPTED
@@ -660,4 +680,6 @@ def main(argv=None) -> None:
         click.echo(f"error: mlbuild broke: {type(e).__name__}: {e}", err=True)
         click.echo("hint: run again with --verbose for the traceback, and report it", err=True)
         code = EXIT_BROKEN
+        if as_json:
+            _json_error(f"mlbuild broke: {type(e).__name__}: {e}", None, code)
     sys.exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,13 @@ def test_bad_manifest_exit_3_no_traceback_no_state(cli: CLI, diabetes: Path):
     assert not (diabetes / ".mlbuild").exists()
     r = cli("--verbose", "validate", check=3)
     assert "Traceback" in r.stderr
+    # --json: stdout is JSON even then, naming the field and its line.
+    r = cli("--json", "validate", check=3)
+    (problem,) = json.loads(r.stdout)["error"]["problems"]
+    assert problem["path"] == "services.diabetes.environment" and problem["line"] > 0
+    assert "did you mean 'sklearn'" in problem["message"]
+    r = cli("--json", "deploy", "--no-such-flag", check=3)
+    assert "--no-such-flag" in json.loads(r.stdout)["error"]["message"]
 
 
 def test_kill_after_step_output_before_record(cli: CLI, diabetes: Path):
