@@ -439,10 +439,30 @@ class ServiceStatus:
 
 def status(directory=".", file=None, target: str | None = None) -> list[ServiceStatus]:
     """The state of every service of ``target`` (default: of every process and docker
-    target)."""
-    from mlbuild.backends import process as proc
-    from mlbuild.graph.steps import container
+    target).
 
+    A manifest that does not load does not hide what runs: the recorded deployments
+    are shown, each noting that the manifest has problems (``validate`` lists them).
+    """
+    from mlbuild.errors import ManifestError
+    from mlbuild.manifest import find_manifest
+
+    try:
+        return _status(directory, file, target)
+    except ManifestError as e:
+        manifest = find_manifest(Path(directory), file)
+        state_dir = manifest.parent / STATE_DIR
+        if not state_dir.exists():
+            raise
+        note = f"{manifest.name} does not load ({len(e.problems)} problem" \
+               f"{'s' if len(e.problems) != 1 else ''}: mlbuild validate)"
+        with _state(state_dir, lock=False) as db:
+            deps = db.deployments(target)
+        return [_observe(manifest.parent, t, name, "docker" if "container" in dep else "process",
+                         dep, note) for (t, name), dep in deps.items()]
+
+
+def _status(directory, file, target: str | None) -> list[ServiceStatus]:
     with session(directory, file) as s:
         p = s.project
         targets = [_running_target(p, target)] if target else \
@@ -457,17 +477,26 @@ def status(directory=".", file=None, target: str | None = None) -> list[ServiceS
                 if dep is None:
                     out.append(ServiceStatus(t.name, name, "-", t.type, detail="not deployed"))
                     continue
-                if t.type == "docker":
-                    state, detail = container.observe(dep)
-                else:
-                    state, detail = proc.observe(dict(dep, release=str(p.root / dep["release"])))
-                if name not in p.services:
-                    detail += "; no longer in the manifest (mlbuild down stops it)"
-                out.append(ServiceStatus(t.name, name, state, t.type, dep["url"],
-                                         dep.get("image"), dep.get("pid"),
-                                         dep["fingerprint"].split(":")[-1][:12],
-                                         dep["started_at"], detail.lstrip("; ")))
+                note = "no longer in the manifest (mlbuild down stops it)" \
+                    if name not in p.services else ""
+                out.append(_observe(p.root, t.name, name, t.type, dep, note))
         return out
+
+
+def _observe(root: Path, target: str, name: str, ttype: str, dep: dict,
+             note: str = "") -> ServiceStatus:
+    from mlbuild.backends import process as proc
+    from mlbuild.graph.steps import container
+
+    if ttype == "docker":
+        state, detail = container.observe(dep)
+    else:
+        state, detail = proc.observe(dict(dep, release=str(root / dep["release"])))
+    if note:
+        detail += f"; {note}"
+    return ServiceStatus(target, name, state, ttype, dep["url"], dep.get("image"),
+                         dep.get("pid"), dep["fingerprint"].split(":")[-1][:12],
+                         dep["started_at"], detail.lstrip("; "))
 
 
 def logs(service: str, directory=".", file=None, target: str | None = None,

@@ -382,11 +382,15 @@ def test_renamed_service_is_stopped_and_its_port_reused(dev):
     assert gone(old_pid)
 
 
-def test_down_works_with_a_broken_manifest(dev):
+def test_status_and_down_work_with_a_broken_manifest(dev):
     cli, url, port = dev
     cli("deploy", timeout=300)
     pid = status_of(cli)["pid"]
     m = cli.cwd / "mlproject.yaml"
     m.write_text(m.read_text() + "\nservices: [oops\n")
+    (row,) = cli.json("status")
+    assert (row["service"], row["state"], row["pid"]) == ("diabetes", "Healthy", pid)
+    assert "mlproject.yaml does not load (1 problem: mlbuild validate)" in row["detail"]
+    assert "does not load" in cli("status", "dev").stdout
     assert "stopped diabetes" in cli("down", "dev").stdout
     assert gone(pid)
