@@ -262,6 +262,13 @@ class _HealthHTTPServer(ThreadingHTTPServer):
         self.is_ready = lambda: False
         super().__init__(address, _HealthHandler)
 
+    def handle_error(self, request, client_address):
+        # A client that went away (a probe that gave up, a reset) is not our error: no
+        # traceback in the service's log for it.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
     def server_bind(self):
         if self._reuse_port:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -412,6 +419,26 @@ def _serve(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | 
     return state["code"]
 
 
+def exit_fast(code: int) -> None:
+    """End this process with ``code`` without tearing the interpreter down.
+
+    The atexit handlers (the service's own too) run and the logs are flushed, but the
+    modules are not freed one by one: for numpy/scipy/scikit-learn that took ~0.3 s of
+    every stop (measured in a container: "Finished server process" to the container's
+    exit), and a redeploy waits for the old release to stop. Non-daemon threads a
+    service started are not waited for, as a SIGTERM'd process's would not be.
+    """
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 # -- several workers ---------------------------------------------------------------------
 def _worker_main(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | None,
                  ready, log_level: str) -> None:
@@ -420,9 +447,7 @@ def _worker_main(config: RuntimeConfig, options: ServerOptions, sock: socket.soc
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code = _serve(config, options, sock, on_ready_port=lambda _port: ready.set(),
                   stop=_Stop().install(), watch_parent=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(code)
+    exit_fast(code)
 
 
 class _Worker:

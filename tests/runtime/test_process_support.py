@@ -159,9 +159,16 @@ def test_nothing_listens_before_init_returned(start_server, tmp_path):
     assert not ready.exists()
     with pytest.raises(ConnectionRefusedError):  # ...the main port is not
         post(server.port)
+    # A probe that gives up (its connection reset mid-request) is not the service's error.
+    import struct
+
+    with socket.create_connection(("127.0.0.1", health_port), timeout=2) as rude:
+        rude.sendall(b"GET /healthz/re")
+        rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     info = wait_file(ready, server)
     assert info == {"pid": server.proc.pid, "port": server.port, "health_port": health_port}
     assert post(server.port)[0] == 200
+    assert "Traceback" not in server.output() and "ConnectionResetError" not in server.output()
 
 
 def test_foreign_listener_without_reuseport_is_port_in_use(start_server, tmp_path):
@@ -246,3 +253,29 @@ def test_workers_with_reuse_port_write_the_ready_file_once_all_are_ready(start_s
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait_exit(timeout=20) == 0
     assert not ready.exists()
+
+
+ATEXIT_SCRIPT = """
+    import atexit
+    import os
+
+    def init():
+        atexit.register(lambda: open(os.environ["ATEXIT_FILE"], "a").write(f"{os.getpid()}\\n"))
+
+    def run(raw_data):
+        return {"pid": os.getpid()}
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stop_runs_the_services_atexit_handlers(start_server, tmp_path, workers):
+    """The runtime ends without tearing the interpreter down (a faster stop), but what
+    the service registered with atexit still runs, in each worker."""
+    script = write_script(tmp_path, ATEXIT_SCRIPT)
+    marker = tmp_path / "atexit.txt"
+    server = start_server(["--entry-script", str(script), "--workers", str(workers)],
+                          env={"ATEXIT_FILE": str(marker)})
+    assert post(server.port)[0] == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=20) == 0
+    assert len(marker.read_text().split()) == workers
