@@ -273,8 +273,11 @@ def test_stop_runs_the_services_atexit_handlers(start_server, tmp_path, workers)
     the service registered with atexit still runs, in each worker."""
     script = write_script(tmp_path, ATEXIT_SCRIPT)
     marker = tmp_path / "atexit.txt"
-    server = start_server(["--entry-script", str(script), "--workers", str(workers)],
+    ready = tmp_path / "ready.json"
+    server = start_server(["--entry-script", str(script), "--workers", str(workers),
+                           "--ready-file", str(ready)], wait=None,
                           env={"ATEXIT_FILE": str(marker)})
+    wait_file(ready, server, timeout=30)  # every worker's init() returned
     assert post(server.port)[0] == 200
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait_exit(timeout=20) == 0
