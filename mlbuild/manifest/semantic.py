@@ -297,7 +297,7 @@ class _Builder:
                 requirements=req,
                 python=python,
                 packages=packages,
-                base_image=_str(e.get("base_image")),
+                base_image=_str(e.get("base_image")) or _str(self.data.get("base_image")),
                 platforms=platforms,
                 solver=_str(e.get("solver")),
                 line=self.line(base),

@@ -442,3 +442,14 @@ def test_cached_no_op_load_does_not_import_jsonschema(proj: Path):
         assert not heavy, heavy
     """)
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+def test_project_base_image_for_environments_without_their_own(proj: Path):
+    text = DESIGN_EXAMPLE.replace(
+        "environments:\n  sklearn:\n",
+        "base_image: registry.example/python:3.11-slim\nenvironments:\n"
+        "  own: {requirements: envs/requirements.txt, base_image: python:3.12-slim}\n"
+        "  sklearn:\n")
+    p = load_project(write(proj, text))
+    assert p.environments["sklearn"].base_image == "registry.example/python:3.11-slim"
+    assert p.environments["own"].base_image == "python:3.12-slim"

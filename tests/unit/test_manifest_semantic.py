@@ -135,6 +135,15 @@ def test_yaml11_boolean_hint(proj: Path):
          "packages; found conda and requirements"),
         ("{conda: envs/sklearn.yml}", "{python: '3.11'}",
          "mlproject.yaml:7: environments.sklearn: needs one of conda, requirements, packages"),
+        ("{conda: envs/sklearn.yml}", "{requirements: envs/req.txt, platforms: [linux-64]}",
+         "mlproject.yaml:7: environments.sklearn.platforms: platforms applies to conda "
+         "environments only: remove it, or use a conda spec (conda: FILE)"),
+        ("{conda: envs/sklearn.yml}", "{conda: envs/sklearn.yml, platforms: [osx-arm64]}",
+         "mlproject.yaml:7: environments.sklearn.platforms: images and the process target "
+         "need linux-64, which is not among the platforms: add it"),
+        ("{conda: envs/sklearn.yml}", "{conda: envs/sklearn.yml, platforms: [linux64]}",
+         "mlproject.yaml:7: environments.sklearn.platforms[0]: 'linux64' must be a conda "
+         "platform such as linux-64, linux-aarch64 or osx-arm64"),
         ("{type: process, port: 8890}", "{type: process, port: 8890, replicas: 2}",
          "mlproject.yaml:14: targets.dev: key 'replicas' does not apply to a target of type "
          "'process' (only to kubernetes)"),
