@@ -219,3 +219,24 @@ def make_channel(root: Path, packages: tuple[Package, ...] = PACKAGES) -> Fixtur
     mapping = root / "pypi-mapping.json"
     mapping.write_text(json.dumps(PYPI_MAPPING, indent=2, sort_keys=True))
     return FixtureChannel(channel, mapping, packages)
+
+
+# An Azure ML v1-style spec on the fixture channel: conda packages, and a pip section
+# with azureml-defaults (which mlbuild drops) and six (from PyPI). The last lines are
+# this machine's PyPI settings for conda-lock (its default PyPI access is unreachable
+# here), not mlbuild defaults.
+V1_SPEC = """\
+name: tiny
+channels:
+  - {channel}
+dependencies:
+  - python=3.11
+  - tinypkg>=1.0
+  - pip
+  - pip:
+      - azureml-defaults>=1.40
+      - six
+pip-repositories:
+  - https://pypi.org/simple
+allow-pypi-requests: false
+"""

@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "condafixture"))
 
-from condachannel import make_channel, with_interpreter
+from condachannel import V1_SPEC, make_channel, with_interpreter
 from fakemicromamba import write_solver
 
 from clitools import CLI
@@ -53,22 +53,7 @@ def solver(tmp_path_factory) -> Path:
     return write_solver(tmp_path_factory.mktemp("conda-solver"))
 
 
-SPEC = """\
-name: tiny
-channels:
-  - {channel}
-dependencies:
-  - python=3.11
-  - tinypkg>=1.0
-  - pip
-  - pip:
-      - azureml-defaults>=1.40
-      - six
-# This machine's PyPI settings (conda-lock's default PyPI access is unreachable here).
-pip-repositories:
-  - https://pypi.org/simple
-allow-pypi-requests: false
-"""
+SPEC = V1_SPEC
 
 MANIFEST = """\
 name: condademo

@@ -23,25 +23,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "condafixture"))
 
-from condachannel import make_channel, with_interpreter
+from condachannel import V1_SPEC, make_channel, with_interpreter
 from fakemicromamba import write_solver
 
 pytestmark = pytest.mark.docker
 
-SPEC = """\
-channels:
-  - {channel}
-dependencies:
-  - python=3.11
-  - tinypkg>=1.0
-  - pip
-  - pip:
-      - azureml-defaults>=1.40
-      - six
-pip-repositories:
-  - https://pypi.org/simple
-allow-pypi-requests: false
-"""
+SPEC = V1_SPEC
 
 MANIFEST = """\
 name: it{run_id}c
