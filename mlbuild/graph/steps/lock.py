@@ -125,7 +125,7 @@ def resolve(lines: list[str], python: str, platform: str, cwd: Path,
     Raises:
         ResolveError: no solution, naming the requirement at fault.
     """
-    from mlbuild.graph.steps.venv import uv_bin
+    from mlbuild.graph.steps.venv import uv_bin, uv_env
 
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "requirements.in"
@@ -138,8 +138,7 @@ def resolve(lines: list[str], python: str, platform: str, cwd: Path,
                str(spec_file), "-o", str(out)]
         if upgrade:
             cmd.append("--upgrade")
-        run_env = dict(os.environ, UV_PYTHON_DOWNLOADS="never")
-        run_env.setdefault("UV_NATIVE_TLS", "1")
+        run_env = uv_env()
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=run_env,
                            stdin=subprocess.DEVNULL)
         if r.returncode != 0:

@@ -49,6 +49,15 @@ def uv_bin() -> str:
     return find_uv_bin()
 
 
+def uv_env(**extra: str) -> dict[str, str]:
+    """The environment uv runs in: never downloads a Python; trusts the system's
+    certificate store (where a TLS-intercepting proxy's CA lives; uv's built-in roots
+    would not trust it) unless the user chose otherwise."""
+    env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", **extra)
+    env.setdefault("UV_NATIVE_TLS", "1")
+    return env
+
+
 class VenvStep(Step):
     kind = "venv"
     version = 2
@@ -105,10 +114,7 @@ class VenvStep(Step):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         uv = uv_bin()
         python = env.python or sys.executable
-        run_env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", VIRTUAL_ENV="")
-        # A TLS-intercepting proxy's CA lives in the system store; uv's built-in roots
-        # would not trust it.
-        run_env.setdefault("UV_NATIVE_TLS", "1")
+        run_env = uv_env(VIRTUAL_ENV="")
         in_venv = ["--python", str(stage / "bin" / "python")]
         if env.kind == "conda":
             from mlbuild.backends import conda
