@@ -573,20 +573,26 @@ def python_version(lock_path: Path | str, platform: str = "linux-64") -> str | N
     return None
 
 
-def install_text(lock_path: Path | str) -> str:
+def install_text(lock_path: Path | str, platform: str | None = None) -> str:
     """The lock reduced to what gets installed: its packages and channels, without the
     spec's content hash nor its file name.
 
     The file to put in an image's build context: a spec edit that locks the same
     packages gives the same bytes, so the environment layer is not rebuilt.
     :func:`install_locked` and :func:`pip_requirements` read it like the full lock.
+
+    Args:
+        platform: keep this platform's packages only (an image's: a change on another
+            platform then leaves its environment layer alone).
     """
     data = _read_lock(lock_path)
     meta = data.get("metadata") or {}
+    packages = [p for p in data["package"]
+                if platform is None or (isinstance(p, dict) and p.get("platform") == platform)]
+    platforms = [platform] if platform is not None else meta.get("platforms") or []
     reduced = {"version": 1,
-               "metadata": {"channels": meta.get("channels") or [],
-                            "platforms": meta.get("platforms") or []},
-               "package": data["package"]}
+               "metadata": {"channels": meta.get("channels") or [], "platforms": platforms},
+               "package": packages}
     return ("# The packages of a conda-lock.yml, as mlbuild installs them.\n"
             + _yaml().safe_dump(reduced, sort_keys=True, default_flow_style=False))
 

@@ -157,7 +157,7 @@ class ContextStep(Step):
                 # Its packages alone (not the spec's hash): the environment layer is
                 # keyed by what gets installed.
                 env_file = "env/conda-lock.yml"
-                put_text(env_file, conda.install_text(lock))
+                put_text(env_file, conda.install_text(lock, "linux-64"))
                 for rel, src in conda.installer_files():
                     put_file(f"env/installer/{rel}", src)
             else:  # the lock: exact versions with hashes
