@@ -5,7 +5,9 @@
 For a package target with ``offline: true`` (or ``deploy --offline``): the lock's wheels
 for Linux x86_64 / the environment's Python, and the serving runtime's, are fetched
 with ``pip download`` (which checks the lock's hashes) into a content-addressed cache,
-``.mlbuild/wheels/sha256/ab/<digest>/<file>``, and hard-linked into the build context.
+``.mlbuild/wheels/sha256/ab/<digest>/<file>``, and hard-linked into the build context
+(``.mlbuild/wheels/found/<fingerprint>.json`` remembers what a step found, so the
+same step after ``mlbuild clean`` takes the files without asking pip).
 The Dockerfile then installs with ``--no-index`` from them alone, so ``docker build
 --network none`` of the package directory works. A wheel already in the cache is
 never fetched again: the cache is offered to pip as its download folder.
@@ -20,6 +22,7 @@ image's Python.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,6 +93,17 @@ class WheelsStep(Step):
         lock = ctx.project.path(upstream[f"lock:{env.name}"]["file"])
         cache = cache_dir(ctx)
         cache.mkdir(parents=True, exist_ok=True)
+        # What this very step (same fingerprint: same lock, Python, runtime) found
+        # before, kept with the cache: it survives `mlbuild clean`, and when every file
+        # is still there, pip is not even asked (it would consult the index).
+        memo = cache.parent / "found" / f"{fingerprint.split(':')[-1]}.json"
+        try:
+            found = json.loads(memo.read_text())
+            if all(cached_path(ctx, d, n).is_file()
+                   for n, d in found["wheels"] + found.get("conda", [])):
+                return dict(found, downloaded=0)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         with tempfile.TemporaryDirectory(dir=ctx.state_dir) as tmp:
             dl = Path(tmp)
             # What the cache holds is offered as already downloaded (pip checks it).
@@ -120,6 +134,8 @@ class WheelsStep(Step):
         out = {"wheels": wheels, "downloaded": new}
         if env.kind == "conda":
             out["conda"] = conda_pkgs
+        memo.parent.mkdir(exist_ok=True)
+        fsutil.write_atomic(memo, json.dumps(out).encode())
         return out
 
     def _conda_wheels(self, ctx: BuildContext, lock: Path, dl: Path) -> set[str]:
