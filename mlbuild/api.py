@@ -420,6 +420,9 @@ def _running_target(project, target: str | None):
     return t
 
 
+STATUS_LOG_LINES = 5  # of a Failed service's log, in status
+
+
 @dataclass
 class ServiceStatus:
     target: str
@@ -432,9 +435,10 @@ class ServiceStatus:
     fingerprint: str | None = None
     since: float | None = None
     detail: str = ""
+    last_lines: tuple[str, ...] = ()  # of its log, when it Failed
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return dict(self.__dict__, last_lines=list(self.last_lines))
 
 
 def status(directory=".", file=None, target: str | None = None) -> list[ServiceStatus]:
@@ -494,9 +498,31 @@ def _observe(root: Path, target: str, name: str, ttype: str, dep: dict,
         state, detail = proc.observe(dict(dep, release=str(root / dep["release"])))
     if note:
         detail += f"; {note}"
+    last: list[str] = []
+    if state == proc.FAILED:  # why it failed is usually in its last words
+        last = _last_lines(root, target, name, ttype, dep)
     return ServiceStatus(target, name, state, ttype, dep["url"], dep.get("image"),
                          dep.get("pid"), dep["fingerprint"].split(":")[-1][:12],
-                         dep["started_at"], detail.lstrip("; "))
+                         dep["started_at"], detail.lstrip("; "), tuple(last))
+
+
+def _last_lines(root: Path, target: str, name: str, ttype: str, dep: dict,
+                n: int = STATUS_LOG_LINES) -> list[str]:
+    """The last ``n`` non-blank lines of a deployment's log ([] when there is none)."""
+    if ttype == "docker":
+        try:
+            from mlbuild.backends.docker import connect
+
+            text = connect().container_logs(dep["container"], tail=n * 3)
+        except Exception:  # noqa: BLE001 - a status must not fail for want of a log
+            return []
+        lines = text.splitlines()
+    else:
+        from mlbuild.backends.process import tail
+        from mlbuild.graph.steps.process import log_file
+
+        lines = tail(log_file(root / STATE_DIR, target, name), n * 3)
+    return [ln for ln in lines if ln.strip()][-n:]
 
 
 def logs(service: str, directory=".", file=None, target: str | None = None,

@@ -289,8 +289,8 @@ def status(o: Obj, target):
     """State of the deployed services (default: of every process and docker target).
 
     States: Healthy, Transitioning (init() running), Unhealthy (running, failing its
-    health check), Failed (exited or crash-looping; with its exit status), - (not
-    deployed)."""
+    health check), Failed (exited or crash-looping; with its exit status and the last
+    lines of its log), - (not deployed)."""
     from mlbuild import api
 
     rows = api.status(target=target, **o.where)
@@ -303,8 +303,13 @@ def status(o: Obj, target):
     table += [(r.target, r.service, r.state, r.url or "-", str(r.pid or r.image or "-"),
                r.fingerprint or "-", _ago(r.since), r.detail) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    for row in table:
+    for i, row in enumerate(table):
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        if i and rows[i - 1].last_lines:
+            click.echo("    last lines of its log (mlbuild logs " + rows[i - 1].service
+                       + " -t " + rows[i - 1].target + "):")
+            for line in rows[i - 1].last_lines:
+                click.echo("      " + line)
 
 
 @cli.command()

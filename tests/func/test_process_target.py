@@ -205,6 +205,10 @@ def test_killed_process_shows_failed_and_deploy_restarts_it(dev):
             break
         time.sleep(0.1)
     assert st["state"] == "Failed" and "137" in st["detail"], st
+    # With the last lines of its log: what it said before it died.
+    logged = [ln for ln in cli("logs", "diabetes", "-n", "20").stdout.splitlines() if ln.strip()]
+    assert st["last_lines"] and st["last_lines"] == logged[-len(st["last_lines"]):]
+    assert "last lines of its log" in cli("status", "dev").stdout
     r = cli.json("deploy", timeout=300)
     step = next(s for s in r["steps"] if s["id"] == "process:dev/diabetes")
     assert step["status"] == "ran" and f"process {pid} is not running" in step["reasons"][0]

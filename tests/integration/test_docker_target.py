@@ -222,6 +222,9 @@ def test_killed_container_shows_failed_and_deploy_restarts_it(proj, docker_clien
     docker_client.containers.get(_name(proj)).kill()
     st = proj.status()
     assert st["state"] == "Failed" and "137" in st["detail"], st
+    logged = [ln for ln in proj.mlbuild("logs", "diabetes", "-t", "local", "-n", "20")
+              .stdout.splitlines() if ln.strip()]
+    assert st["last_lines"] and st["last_lines"] == logged[-len(st["last_lines"]):]
     out = proj.deploy()
     assert "not running" in step(out, "container:local/diabetes")["reasons"][0]
     assert proj.status()["state"] == "Healthy"
