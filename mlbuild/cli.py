@@ -41,7 +41,13 @@ def _need_terminal(flag: str) -> None:
                            hint=f"pass {flag} to confirm")
 
 
+# --json as click parsed it, and whether a command already printed its JSON: an error
+# after that (e.g. invoke's non-2xx answer) must not print a second document.
+_JSON = {"on": None, "written": False}
+
+
 def _emit_json(data) -> None:
+    _JSON["written"] = True
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
@@ -58,6 +64,7 @@ def cli(ctx: click.Context, directory, file, verbose, as_json):
     """mlbuild: build and deploy ML model services from mlproject.yaml,
     doing only the work whose inputs changed."""
     ctx.obj = Obj(directory, file, verbose, as_json)
+    _JSON["on"] = as_json
 
 
 # -- init / validate ----------------------------------------------------------------------
@@ -622,6 +629,21 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _json_wanted(args: list[str]) -> bool:
+    """--json was given and nothing was printed as JSON yet. (When click failed before
+    parsing its options, a --json before the command's name counts.)"""
+    if _JSON["written"]:
+        return False
+    if _JSON["on"] is not None:
+        return _JSON["on"]
+    before = []
+    for a in args:
+        if a in cli.commands:
+            break
+        before.append(a)
+    return "--json" in before
+
+
 def _json_error(message: str, hint: str | None, code: int, problems=None) -> None:
     """With --json, stdout holds JSON even when the command failed: the error."""
     err: dict = {"message": message, "hint": hint, "exit_code": code}
@@ -638,9 +660,7 @@ def main(argv=None) -> None:
     """Entry point of the ``mlbuild`` console script and ``python -m mlbuild``."""
     args = list(argv if argv is not None else sys.argv[1:])
     verbose = "-v" in args or "--verbose" in args
-    # Global options come before the command; a value equal to "--json" later is not one.
-    as_json = "--json" in args[:next((i for i, a in enumerate(args) if a in cli.commands),
-                                     len(args))]
+    _JSON.update(on=None, written=False)
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGHUP, _sigterm)  # a closed terminal stops us cleanly too
     try:
@@ -657,7 +677,7 @@ def main(argv=None) -> None:
     except click.exceptions.ClickException as e:
         e.show()
         code = EXIT_INVALID
-        if as_json:
+        if _json_wanted(args):
             _json_error(e.format_message(), None, code)
     except click.exceptions.Exit as e:
         code = e.exit_code
@@ -670,7 +690,7 @@ def main(argv=None) -> None:
         if e.hint:
             click.echo(f"hint: {e.hint}", err=True)
         code = e.exit_code
-        if as_json:
+        if _json_wanted(args):
             _json_error(e.message, e.hint, code, getattr(e, "problems", None))
     except KeyboardInterrupt:
         click.echo(INTERRUPTED, err=True)
@@ -685,6 +705,6 @@ def main(argv=None) -> None:
         click.echo(f"error: mlbuild broke: {type(e).__name__}: {e}", err=True)
         click.echo("hint: run again with --verbose for the traceback, and report it", err=True)
         code = EXIT_BROKEN
-        if as_json:
+        if _json_wanted(args):
             _json_error(f"mlbuild broke: {type(e).__name__}: {e}", None, code)
     sys.exit(code)

@@ -274,6 +274,9 @@ def test_invoke_errors(dev):
     # exception is the service's 500, and invoke exits 1 saying so.
     r = cli("invoke", "diabetes", "--data", "not json", check=1)
     assert "answered 500" in r.stderr and "JSONDecodeError" in r.stdout
+    # --json: the answer is the one JSON document on stdout, the exit status still 1.
+    r = cli("--json", "invoke", "diabetes", "--data", "not json", check=1)
+    assert json.loads(r.stdout)["status"] == 500
     r = cli("invoke", "diabetes", "--data", "@missing.json", check=3)
     assert "missing.json" in r.stderr
 

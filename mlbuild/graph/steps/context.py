@@ -250,6 +250,7 @@ class ContextStep(Step):
                 env_file=env_file,
                 pip_section=pip_section,
                 conda_prefix=CONDA_PREFIX,
+                builder_image=DEFAULT_BASE_IMAGE,
                 installer_requirements=installer_requirements(),
                 offline=wheels is not None,
                 runtime_requirements=runtime_reqs,

@@ -65,6 +65,14 @@ class WheelsStep(Step):
     def inputs(self, ctx: BuildContext) -> dict[str, str]:
         return {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
 
+    def extra(self, ctx: BuildContext) -> dict:
+        # What else decides the files: the images' platform tags and, for conda, the
+        # builder stage's installer (its Python is the default base image's).
+        from mlbuild.backends.conda import INSTALLER_REQUIREMENTS
+
+        return {"platforms": PLATFORMS, "installer": list(INSTALLER_REQUIREMENTS),
+                "builder_python": DEFAULT_PYTHON}
+
     def _download(self, ctx: BuildContext, dest: Path, args: list[str],
                   python: str | None = None) -> set[str]:
         """pip download into ``dest``; returns the names of the files it used."""
@@ -105,7 +113,8 @@ class WheelsStep(Step):
         except (OSError, ValueError, KeyError, TypeError):
             pass
         with tempfile.TemporaryDirectory(dir=ctx.state_dir) as tmp:
-            dl = Path(tmp)
+            dl = Path(tmp) / "dl"  # pip's download folder; tmp/ holds what else we write
+            dl.mkdir()
             # What the cache holds is offered as already downloaded (pip checks it).
             known = {}
             for p in cache.glob("*/*/*"):
@@ -145,7 +154,7 @@ class WheelsStep(Step):
         used = set()
         pip_lock = conda.pip_requirements(lock)
         if pip_lock:
-            req = dl.parent / "pip.lock.txt"
+            req = dl.parent / "pip-section.lock.txt"  # in the step's temporary folder
             req.write_text(pip_lock)
             used |= self._download(ctx, dl, ["--require-hashes", "--no-deps", "-r", str(req)],
                                    python)
@@ -167,9 +176,13 @@ class WheelsStep(Step):
             if pkg.sha256 and cached_path(ctx, f"sha256:{pkg.sha256}", pkg.filename).is_file():
                 out.append([pkg.filename, f"sha256:{pkg.sha256}"])
                 continue
-            f = dl / pkg.filename
+            # Not into dl/: it holds hard links to the cache's files, and writing through
+            # one of the same name would rewrite a cached file.
+            fresh = dl.parent / "conda"
+            fresh.mkdir(exist_ok=True)
+            f = fresh / pkg.filename
             try:
-                with urllib.request.urlopen(pkg.url, timeout=60) as r, open(f, "wb") as w:
+                with urllib.request.urlopen(pkg.url, timeout=60) as r, open(f, "xb") as w:
                     shutil.copyfileobj(r, w, 1 << 20)
                 conda.verify(f, pkg)
             except MlbuildError as e:

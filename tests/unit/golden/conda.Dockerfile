@@ -6,6 +6,8 @@
 # installed by mlbuild's installer on py-rattler (no micromamba: see
 # mlbuild/backends/conda.py), then the lock's pip section and the serving runtime's
 # requirements with the environment's own pip. Only /opt/conda reaches the image.
+# The builder is always python:3.11-slim (a Python with pip for the installer, whose
+# offline wheels are for it); the environment brings its own Python.
 FROM python:3.11-slim AS conda-env
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -18,7 +20,7 @@ RUN PYTHONPATH=/opt/mlbuild-installer python -m mlbuild.backends.conda pip-requi
  && /opt/conda/bin/python -m pip install --require-hashes --no-deps --requirement /opt/mlbuild-env/pip.lock.txt
 COPY runtime/mlbuild/runtime/requirements.txt /opt/mlbuild-env/runtime-requirements.txt
 RUN /opt/conda/bin/python -m pip install --requirement /opt/mlbuild-env/runtime-requirements.txt \
- && find /opt/conda/lib/python*/site-packages -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
+ && for d in /opt/conda/lib/python*/site-packages; do [ ! -d "$d" ] || find "$d" -mindepth 2 -type d -name tests -prune -exec rm -rf {} +; done
 
 FROM python:3.11-slim
 
