@@ -297,7 +297,11 @@ class _Builder:
                 requirements=req,
                 python=python,
                 packages=packages,
-                base_image=_str(e.get("base_image")) or _str(self.data.get("base_image")),
+                # The project's base serves environments naming neither a base nor a
+                # pip Python (whose own slim image would otherwise be silently replaced).
+                base_image=_str(e.get("base_image")) or (
+                    None if python is not None and not conda
+                    else _str(self.data.get("base_image"))),
                 platforms=platforms,
                 solver=_str(e.get("solver")),
                 line=self.line(base),

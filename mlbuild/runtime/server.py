@@ -422,17 +422,28 @@ def _serve(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | 
 def exit_fast(code: int) -> None:
     """End this process with ``code`` without tearing the interpreter down.
 
-    The atexit handlers (the service's own too) run and the logs are flushed, but the
+    The atexit handlers (the service's own too) run, the logs are flushed and so is
+    every file still open (a scoring script's unflushed writes are not lost), but the
     modules are not freed one by one: for numpy/scipy/scikit-learn that took ~0.3 s of
     every stop (measured in a container: "Finished server process" to the container's
-    exit), and a redeploy waits for the old release to stop. Non-daemon threads a
-    service started are not waited for, as a SIGTERM'd process's would not be.
+    exit), and a redeploy waits for the old release to stop; finding the open files
+    takes ~0.08 s of it back. Non-daemon threads a service started are not waited for,
+    as a SIGTERM'd process's would not be.
     """
     import atexit
+    import gc
+    import io
 
     try:
         atexit._run_exitfuncs()
         logging.shutdown()
+        for obj in gc.get_objects():
+            if isinstance(obj, io.IOBase):
+                try:
+                    if not obj.closed:
+                        obj.flush()
+                except Exception:  # noqa: BLE001 - a file that cannot flush is not ours to fix
+                    pass
         sys.stdout.flush()
         sys.stderr.flush()
     finally:

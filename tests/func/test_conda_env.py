@@ -126,6 +126,11 @@ def test_a_conda_service_locks_installs_and_serves(project):
                                      "echo": {"x": 1}}
 
     assert cli.ran("deploy", timeout=TIMEOUT) == []
+    # The same spec checked out with CRLF line endings is the same spec.
+    spec = root / "envs/myenv.yml"
+    spec.write_bytes(spec.read_bytes().replace(b"\n", b"\r\n"))
+    assert cli.ran("deploy", "--frozen", timeout=TIMEOUT) == ["lock:tiny"]
+    assert lock.read_text() == text
 
     # A spec edit that locks the same packages: re-locked, nothing else.
     spec = root / "envs/myenv.yml"

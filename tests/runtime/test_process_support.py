@@ -259,10 +259,15 @@ ATEXIT_SCRIPT = """
     import atexit
     import os
 
+    LOG = None
+
     def init():
+        global LOG
         atexit.register(lambda: open(os.environ["ATEXIT_FILE"], "a").write(f"{os.getpid()}\\n"))
+        LOG = open(os.environ["ATEXIT_FILE"] + f".{os.getpid()}.log", "a")  # never flushed
 
     def run(raw_data):
+        LOG.write("scored\\n")
         return {"pid": os.getpid()}
 """
 
@@ -281,4 +286,8 @@ def test_stop_runs_the_services_atexit_handlers(start_server, tmp_path, workers)
     assert post(server.port)[0] == 200
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait_exit(timeout=20) == 0
-    assert len(marker.read_text().split()) == workers
+    pids = marker.read_text().split()
+    assert len(pids) == workers
+    # What the script wrote and never flushed reached its file.
+    logged = "".join((tmp_path / f"atexit.txt.{pid}.log").read_text() for pid in pids)
+    assert logged == "scored\n"

@@ -449,7 +449,10 @@ def test_project_base_image_for_environments_without_their_own(proj: Path):
         "environments:\n  sklearn:\n",
         "base_image: registry.example/python:3.11-slim\nenvironments:\n"
         "  own: {requirements: envs/requirements.txt, base_image: python:3.12-slim}\n"
+        "  py312: {requirements: envs/requirements.txt, python: '3.12'}\n"
         "  sklearn:\n")
     p = load_project(write(proj, text))
     assert p.environments["sklearn"].base_image == "registry.example/python:3.11-slim"
     assert p.environments["own"].base_image == "python:3.12-slim"
+    # A pip environment's python picks its own slim image: the project's base is for 3.11.
+    assert p.environments["py312"].base_image is None

@@ -178,8 +178,8 @@ class LockStep(Step):
         return None
 
     def spec_digest(self, ctx: BuildContext, env) -> str:
-        if env.conda:
-            text = ctx.project.path(env.conda).read_bytes()
+        if env.conda:  # line endings as git may check them out (CRLF) do not count
+            text = ctx.project.path(env.conda).read_bytes().replace(b"\r\n", b"\n")
         else:
             text = "\n".join(spec_lines(ctx, env)[0]).encode()
         return hash_bytes(text).split(":")[-1][:16]
@@ -195,7 +195,7 @@ class LockStep(Step):
         rel = lock_path(env)
         lock = ctx.project.path(rel)
         header = CONDA_HEADER.format(spec=self.spec_digest(ctx, env),
-                                     platforms=",".join(env.platforms))
+                                     platforms=",".join(sorted(env.platforms)))
         upgrade = bool(ctx.options.get("upgrade"))
         if first_line(lock) == header and not upgrade:
             return self._outputs(ctx, rel, lock, "up to date with its spec", env)
@@ -269,4 +269,4 @@ class LockStep(Step):
 
 def packages_of(text: str) -> str:
     """A lock file's text without its header: what gets installed."""
-    return text.split("\n", 1)[1] if text.startswith("# mlbuild lock:") else text
+    return text.partition("\n")[2] if text.startswith("# mlbuild lock:") else text

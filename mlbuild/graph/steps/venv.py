@@ -143,16 +143,21 @@ class VenvStep(Step):
                                         stdin=subprocess.DEVNULL, env=run_env).returncode
                     if rc != 0:
                         lines = log_path.read_text(errors="replace").splitlines()[-15:]
-                        what = "no Python " + python + " found" if cmd[1] == "venv" \
-                            else "installing the conda packages failed" \
-                            if cmd[0] == sys.executable else "installing the packages failed"
-                        raise StepFailed(self.id, f"{what} (uv exit {rc}); last lines of "
+                        if cmd[1] == "venv":
+                            what = f"no Python {python} found (uv exit {rc})"
+                            hint = (f"install Python {python}, or drop "
+                                    f"environments.{env.name}.python")
+                        elif cmd[0] == sys.executable:
+                            what = ("installing the conda packages (mlbuild's py-rattler "
+                                    f"installer) failed (exit {rc})")
+                            hint = ("if py-rattler is missing: pip install 'mlbuild[conda]'; "
+                                    "otherwise see the log above")
+                        else:
+                            what = f"installing the packages failed (uv exit {rc})"
+                            hint = "fix the environment's requirements and deploy again"
+                        raise StepFailed(self.id, f"{what}; last lines of "
                                          f"{os.path.relpath(log_path, project.root)}:\n    "
-                                         + "\n    ".join(lines),
-                                         hint="fix the environment's requirements and deploy "
-                                              "again" if cmd[1] != "venv" else
-                                              f"install Python {python}, or drop "
-                                              f"environments.{env.name}.python")
+                                         + "\n    ".join(lines), hint=hint)
             (stage / MARKER).write_text(marker)
             if stage != final:
                 os.rename(stage, final)
