@@ -259,13 +259,18 @@ def is_runtime(pid: int, port: int) -> bool:
 
 def probe(url: str, timeout: float = 2.0) -> int | None:
     """HTTP status of GET ``url`` (``http://HOST:PORT/PATH``), or None when nothing
-    answers. A bare HTTP/1.0 request on a socket: importing http.client took longer
-    than the probe itself, and a no-op deploy probes every running service."""
+    answers. A bare request on a socket: importing http.client took longer than the
+    probe itself, and a no-op deploy probes every running service.
+
+    HTTP/1.1 (keep-alive), so that this side closes first: an HTTP/1.0 answer ends
+    with the server closing, which leaves a TIME_WAIT on the service's port and keeps
+    a plain bind() of that port failing for a minute after the service stopped.
+    """
     hostport, _, path = url.split("://", 1)[-1].partition("/")
     host, _, port = hostport.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
-            s.sendall(f"GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n".encode())
+            s.sendall(f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode())
             head = b""
             while b"\r\n" not in head and len(head) < 1024:
                 chunk = s.recv(1024)
