@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -74,7 +75,9 @@ class WheelsStep(Step):
                 "builder_python": DEFAULT_PYTHON}
 
     def _download(self, ctx: BuildContext, dest: Path, args: list[str],
-                  python: str | None = None) -> set[str]:
+                  python: str | None = None, failed: str = "fetching the wheels failed",
+                  hint: str = "a hash mismatch means the file differs from the one locked: "
+                              "re-lock (mlbuild lock) only if you trust the change") -> set[str]:
         """pip download into ``dest``; returns the names of the files it used."""
         python = python or self._env(ctx).python or DEFAULT_PYTHON
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
@@ -83,11 +86,11 @@ class WheelsStep(Step):
                *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), *args]
         r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if r.returncode != 0:
-            lines = [ln for ln in (r.stderr or r.stdout).splitlines()
-                     if ln.startswith(("ERROR", "THESE PACKAGES", "    "))][-10:]
-            raise StepFailed(self.id, "fetching the wheels failed:\n    " + "\n    ".join(lines),
-                             hint="a hash mismatch means the file differs from the one "
-                                  "locked: re-lock (mlbuild lock) only if you trust the change")
+            # pip explains a conflict on stdout ("The conflict is caused by: ..."), the
+            # errors on stderr.
+            lines = [ln for ln in (r.stdout + "\n" + r.stderr).splitlines()
+                     if ln.startswith(("ERROR", "THESE PACKAGES", "The conflict", "    "))][-12:]
+            raise StepFailed(self.id, f"{failed}:\n    " + "\n    ".join(lines), hint=hint)
         used = set()
         for line in r.stdout.splitlines():
             line = line.strip()  # pip indents "File was already downloaded"
@@ -128,7 +131,19 @@ class WheelsStep(Step):
                 used = self._conda_wheels(ctx, lock, dl)
             else:
                 used = self._download(ctx, dl, ["--require-hashes", "--no-deps", "-r", str(lock)])
-                used |= self._download(ctx, dl, ["-r", str(runtime_requirements())])
+                # The runtime's requirements within the lock's pins: the image installs
+                # them beside the locked packages, and a version the lock does not allow
+                # would be installed next to the locked one (offline, under pip --root).
+                pins = dl.parent / "lock-pins.txt"
+                pins.write_text("".join(f"{m.group(1)}=={m.group(2)}\n" for m in re.finditer(
+                    r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s\\;]+)",
+                    lock.read_text(), re.M)))  # constraints take no extras
+                used |= self._download(
+                    ctx, dl, ["-r", str(runtime_requirements()), "-c", str(pins)],
+                    failed=f"the serving runtime's requirements conflict with the lock of "
+                           f"environment {env.name}",
+                    hint="allow the version the runtime needs in the environment's spec "
+                         "(see the conflict above), then mlbuild lock")
             wheels = []
             for name in sorted(used):
                 f = dl / name
