@@ -310,12 +310,11 @@ def status(o: Obj, target):
     table += [(r.target, r.service, r.state, r.url or "-", str(r.pid or r.image or "-"),
                r.fingerprint or "-", _ago(r.since), r.detail) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    for i, row in enumerate(table):
+    for row, r in zip(table, [None, *rows]):
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-        if i and rows[i - 1].last_lines:
-            click.echo("    last lines of its log (mlbuild logs " + rows[i - 1].service
-                       + " -t " + rows[i - 1].target + "):")
-            for line in rows[i - 1].last_lines:
+        if r is not None and r.last_lines:
+            click.echo(f"    last lines of its log (mlbuild logs {r.service} -t {r.target}):")
+            for line in r.last_lines:
                 click.echo("      " + line)
 
 

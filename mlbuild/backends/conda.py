@@ -210,11 +210,13 @@ def conda_lock_command() -> list[str]:
 # the spec
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """A PyPI project name as pip compares them (PEP 503)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _requirement_name(item: str) -> str | None:
+def requirement_name(item: str) -> str | None:
+    """The project named by a requirement line (None for a blank or comment line)."""
     m = _NAME_RE.match(item.split("#", 1)[0])
     return m.group(1) if m else None
 
@@ -255,14 +257,14 @@ def filter_spec(text: str, drop: Iterable[str] = AZUREML_REPLACED,
     Raises:
         InvalidInput: the text is not YAML.
     """
-    drop_set = {_canonical(n) for n in drop}
+    drop_set = {canonical_name(n) for n in drop}
     data = _load_yaml(text, what)
 
     def dropped(item: str) -> bool:
-        name = _requirement_name(item)
-        return name is not None and _canonical(name) in drop_set
+        name = requirement_name(item)
+        return name is not None and canonical_name(name) in drop_set
 
-    names = [_requirement_name(i) for i in _pip_items(data) if dropped(i)]
+    names = [requirement_name(i) for i in _pip_items(data) if dropped(i)]
     if not names:
         return text, []
     out: list[str] = []

@@ -32,7 +32,6 @@ class _Kinds(MutableMapping):
     def __init__(self, where: dict[str, str]):
         self._where = where
         self._loaded: dict[str, type] = {}
-        self._added: set[str] = set()
 
     def __getitem__(self, kind: str) -> type:
         cls = self._loaded.get(kind)
@@ -46,14 +45,11 @@ class _Kinds(MutableMapping):
 
     def __setitem__(self, kind: str, cls: type) -> None:
         self._loaded[kind] = cls
-        if kind not in self._where:
-            self._added.add(kind)
-            self._where[kind] = ""
+        self._where.setdefault(kind, "")
 
     def __delitem__(self, kind: str) -> None:
         self._loaded.pop(kind, None)
-        if kind in self._added:  # a kind only ever set, never one of mlbuild's own
-            self._added.discard(kind)
+        if kind not in _WHERE:  # a kind only ever set, never one of mlbuild's own
             del self._where[kind]
 
     def __iter__(self) -> Iterator[str]:

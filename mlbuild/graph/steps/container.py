@@ -39,6 +39,7 @@ import time
 from mlbuild.backends import dockerapi
 from mlbuild.errors import StepFailed
 from mlbuild.graph.step import BuildContext
+from mlbuild.graph.steps.context import context_of
 from mlbuild.graph.steps.image import LABEL_FINGERPRINT, engine
 from mlbuild.graph.steps.process import (GRACEFUL_TIMEOUT, RunningServiceStep, keys_file,
                                          service_port)
@@ -94,10 +95,8 @@ class ContainerStep(RunningServiceStep):
     version = 1
 
     def config(self, ctx: BuildContext) -> dict:
-        t = ctx.target
-        s = self._service(ctx)
-        return {"name": ctx.project.name, f"targets.{t.name}": t.config(),
-                f"services.{s.name}.auth": s.auth}
+        # The container's name holds the project's.
+        return {"name": ctx.project.name, **super().config(ctx)}
 
     def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
         name = outputs["container"]
@@ -120,7 +119,7 @@ class ContainerStep(RunningServiceStep):
         project, target = ctx.project, ctx.target
         s = self._service(ctx)
         image = upstream[f"image:{s.name}"]["tag"]
-        context = next(v for k, v in upstream.items() if k.startswith("context:"))  # or +offline
+        context = context_of(upstream)
         name = container_name(project, s.name, target.name)
         port = service_port(project, target, s.name)
         eng = engine(ctx)

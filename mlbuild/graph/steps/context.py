@@ -307,6 +307,12 @@ class ContextStep(Step):
         return f"{len(outputs['files'])} files in {outputs['dir']}"
 
 
+def context_of(upstream: dict) -> dict:
+    """The outputs of the context step among ``upstream`` (``context:S`` or, for an
+    offline target, ``context:S+offline``)."""
+    return next(v for k, v in upstream.items() if k.startswith("context:"))
+
+
 def map_image_path(value: str, roots: dict[str, Path]) -> str:
     """``value`` (a path inside the image) with the first of ``roots`` (image folder ->
     folder on this machine) it lies in replaced; other values as they are."""
@@ -331,7 +337,8 @@ def check_conda_lock(env, lock: Path, shown: str) -> bool:
     """
     from mlbuild.backends import conda
 
-    names = {p.name for p in conda.locked_packages(lock, "linux-64", manager="conda")}
+    packages = conda.locked_packages(lock, "linux-64")
+    names = {p.name for p in packages if p.manager == "conda"}
     for need, why in (("python", "the service runs on it"),
                       ("pip", "the serving runtime's packages are installed with it")):
         if need not in names:
@@ -339,7 +346,7 @@ def check_conda_lock(env, lock: Path, shown: str) -> bool:
                                f"linux-64 ({why})",
                                hint=f"add {need} to the dependencies of {env.conda} and "
                                     f"lock again (mlbuild lock {env.name})")
-    return bool(conda.locked_packages(lock, "linux-64", manager="pip"))
+    return any(p.manager == "pip" for p in packages)
 
 
 def check_tree(ctx: BuildContext, root: Path, files: dict[str, str], shown: str,

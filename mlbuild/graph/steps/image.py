@@ -19,6 +19,7 @@ import os
 
 from mlbuild.backends import dockerapi
 from mlbuild.graph.step import BuildContext, Step
+from mlbuild.graph.steps.context import context_of
 
 LABEL_FINGERPRINT = "dev.mlbuild.fingerprint"
 
@@ -81,7 +82,7 @@ class ImageStep(Step):
     def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
         service = self.params["service"]
         project = ctx.project
-        context = next(v for k, v in upstream.items() if k.startswith("context:"))  # or +offline
+        context = context_of(upstream)
         tag = image_tag(project, service, fingerprint)
         eng = engine(ctx)
         built = cached = 0

@@ -51,7 +51,7 @@ DEFAULT_PYTHON = "3.11"
 PLATFORM = "linux"
 HEADER = "# mlbuild lock: spec {spec}; python {python}; platform {platform}\n"
 _HEADER_RE = re.compile(r"^# mlbuild lock: spec (\S+); python (\S+); platform (\S+)$")
-_NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s\\;]+)", re.M)
 
 
 CONDA_HEADER = "# mlbuild lock: spec {spec}; platforms {platforms}\n"
@@ -71,13 +71,10 @@ def lock_path(env) -> str:
     return f"locks/{env.name}.lock.txt"
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def spec_lines(ctx: BuildContext, env) -> tuple[list[str], list[str]]:
     """The requirement lines to lock, and the Azure ML packages dropped from them."""
-    from mlbuild.backends.conda import AZUREML_REPLACED  # one list for pip and conda specs
+    # One list and one reading of a requirement for pip and conda specs.
+    from mlbuild.backends.conda import AZUREML_REPLACED, canonical_name, requirement_name
 
     if env.requirements:
         lines = ctx.project.path(env.requirements).read_text().splitlines()
@@ -85,9 +82,9 @@ def spec_lines(ctx: BuildContext, env) -> tuple[list[str], list[str]]:
         lines = list(env.packages)
     kept, dropped = [], []
     for line in lines:
-        m = _NAME_RE.match(line.split("#", 1)[0])
-        if m and _canonical(m.group(1)) in AZUREML_REPLACED:
-            dropped.append(m.group(1))
+        name = requirement_name(line)
+        if name is not None and canonical_name(name) in AZUREML_REPLACED:
+            dropped.append(name)
         else:
             kept.append(line)
     return kept, dropped
@@ -102,11 +99,7 @@ def first_line(path: Path) -> str | None:
 
 
 def read_header(path: Path) -> tuple[str, str, str] | None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            m = _HEADER_RE.match(fh.readline().rstrip("\n"))
-    except OSError:
-        return None
+    m = _HEADER_RE.match((first_line(path) or "").rstrip("\n"))
     return (m.group(1), m.group(2), m.group(3)) if m else None
 
 
@@ -254,7 +247,7 @@ class LockStep(Step):
         else:
             text = lock.read_text()
             body = packages_of(text)
-            pins = sum(1 for line in text.splitlines() if re.match(r"^[A-Za-z0-9].*==", line))
+            pins = len(pins_of(text))
         return {"file": rel, "digest": ctx.digests.file(lock), "pins": pins, "how": how,
                 "packages_digest": hash_bytes(body.encode())}
 
@@ -265,6 +258,11 @@ class LockStep(Step):
 
     def summary(self, outputs: dict) -> str:
         return f"{outputs['file']}: {outputs['pins']} packages pinned with hashes ({outputs['how']})"
+
+
+def pins_of(text: str) -> list[str]:
+    """The ``name==version`` of every package a pip lock pins (extras left out)."""
+    return [f"{m.group(1)}=={m.group(2)}" for m in _PIN_RE.finditer(text)]
 
 
 def packages_of(text: str) -> str:

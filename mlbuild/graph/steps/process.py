@@ -88,6 +88,11 @@ class RunningServiceStep(Step):
     def _service(self, ctx):
         return ctx.project.services[self.params["service"]]
 
+    def config(self, ctx: BuildContext) -> dict:
+        t = ctx.target
+        s = self._service(ctx)
+        return {f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth}
+
     def extra(self, ctx: BuildContext) -> dict:
         s = self._service(ctx)
         out = {"port": service_port(ctx.project, ctx.target, s.name)}
@@ -100,11 +105,6 @@ class RunningServiceStep(Step):
 class ProcessStep(RunningServiceStep):
     kind = "process"
     version = 1
-
-    def config(self, ctx: BuildContext) -> dict:
-        t = ctx.target
-        s = self._service(ctx)
-        return {f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth}
 
     def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
         dep = ctx.db.get_deployment(ctx.target.name, self.params["service"])

@@ -120,14 +120,15 @@ class VenvStep(Step):
             from mlbuild.backends import conda
 
             pip_lock = log_path.with_name(f"venv-{env.name}.pip.lock.txt")
-            pip_lock.write_text(conda.pip_requirements(lock))
+            pip_section = conda.pip_requirements(lock)
+            pip_lock.write_text(pip_section)
             commands = [[sys.executable, "-m", "mlbuild.backends.conda", "install", str(lock),
                          str(stage), "--platform", "linux-64",
                          "--cache-dir", str(ctx.state_dir / "conda-pkgs")],
                         [uv, "pip", "install", *in_venv, "--require-hashes", "--no-deps",
                          "-r", str(pip_lock)],
                         [uv, "pip", "install", *in_venv, "-r", str(runtime_requirements())]]
-            if not pip_lock.read_text():
+            if not pip_section:
                 del commands[1]
         else:
             commands = [[uv, "venv", "--quiet", "--python", python, str(stage)],

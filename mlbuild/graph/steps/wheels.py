@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 from mlbuild import fsutil
 from mlbuild.errors import MlbuildError, StepFailed
 from mlbuild.graph.step import BuildContext, Step
-from mlbuild.graph.steps.lock import DEFAULT_PYTHON
+from mlbuild.graph.steps.lock import DEFAULT_PYTHON, pins_of
 from mlbuild.graph.steps.venv import runtime_requirements
 from mlbuild.state.digest import hash_file
 
@@ -50,6 +49,19 @@ def cache_dir(ctx: BuildContext) -> Path:
 def cached_path(ctx: BuildContext, digest: str, name: str) -> Path:
     hexd = digest.split(":")[-1]
     return cache_dir(ctx) / hexd[:2] / hexd / name
+
+
+def store(ctx: BuildContext, f: Path) -> tuple[str, bool]:
+    """Move the file ``f`` into the cache (read-only) unless the cache has it already.
+    Returns its digest and whether it was added."""
+    digest = hash_file(f)
+    dest = cached_path(ctx, digest, f.name)
+    if dest.exists():
+        return digest, False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(f, 0o444)
+    os.replace(f, dest)
+    return digest, True
 
 
 class WheelsStep(Step):
@@ -110,8 +122,7 @@ class WheelsStep(Step):
         memo = cache.parent / "found" / f"{fingerprint.split(':')[-1]}.json"
         try:
             found = json.loads(memo.read_text())
-            if all(cached_path(ctx, d, n).is_file()
-                   for n, d in found["wheels"] + found.get("conda", [])):
+            if self.check_outputs(ctx, found) is None:
                 return dict(found, downloaded=0)
         except (OSError, ValueError, KeyError, TypeError):
             pass
@@ -134,10 +145,8 @@ class WheelsStep(Step):
                 # The runtime's requirements within the lock's pins: the image installs
                 # them beside the locked packages, and a version the lock does not allow
                 # would be installed next to the locked one (offline, under pip --root).
-                pins = dl.parent / "lock-pins.txt"
-                pins.write_text("".join(f"{m.group(1)}=={m.group(2)}\n" for m in re.finditer(
-                    r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s\\;]+)",
-                    lock.read_text(), re.M)))  # constraints take no extras
+                pins = dl.parent / "lock-pins.txt"  # constraints take no extras
+                pins.write_text("".join(f"{pin}\n" for pin in pins_of(lock.read_text())))
                 used |= self._download(
                     ctx, dl, ["-r", str(runtime_requirements()), "-c", str(pins)],
                     failed=f"the serving runtime's requirements conflict with the lock of "
@@ -146,14 +155,8 @@ class WheelsStep(Step):
                          "(see the conflict above), then mlbuild lock")
             wheels = []
             for name in sorted(used):
-                f = dl / name
-                digest = hash_file(f)
-                dest = cached_path(ctx, digest, name)
-                if not dest.exists():
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.chmod(f, 0o444)
-                    os.replace(f, dest)
-                    new += 1
+                digest, added = store(ctx, dl / name)
+                new += added
                 wheels.append([name, digest])
         out = {"wheels": wheels, "downloaded": new}
         if env.kind == "conda":
@@ -206,11 +209,7 @@ class WheelsStep(Step):
                 raise StepFailed(self.id, f"fetching {pkg.url} failed: {e}",
                                  hint="check the channel can be reached, then deploy again") \
                     from None
-            digest = hash_file(f)
-            dest = cached_path(ctx, digest, pkg.filename)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(f, 0o444)
-            os.replace(f, dest)
+            digest, _ = store(ctx, f)
             new += 1
             out.append([pkg.filename, digest])
         return out, new
