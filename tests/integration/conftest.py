@@ -15,6 +15,7 @@ by the name ``conftest`` would be ambiguous.
 from __future__ import annotations
 
 import os
+import subprocess
 import urllib.error
 import urllib.request
 import uuid
@@ -106,6 +107,28 @@ def run_id() -> str:
     """Unique per test session: names of containers and tags do not collide with a
     concurrent or killed earlier run."""
     return uuid.uuid4().hex[:8]
+
+
+class Offline:
+    """``docker build --network none`` of a package directory, and ``docker run
+    --network none`` of what it built: an offline package proves itself with these."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def build(self, pkg, tag: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "build", "-q", "--network", "none", "--label",
+                               f"{TEST_LABEL}={self.run_id}", "-t", tag, str(pkg)],
+                              capture_output=True, text=True, timeout=900)
+
+    def run(self, tag: str, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "run", "--rm", "--network", "none", tag, *cmd],
+                              capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def offline(docker_client, run_id) -> Offline:
+    return Offline(run_id)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -115,22 +115,18 @@ def test_conda_service_in_a_container(project, docker_client):
     assert [s["id"] for s in again["steps"] if s["status"] == "ran"] == []
 
 
-def test_offline_conda_package_builds_without_network(project, docker_client, run_id):
+def test_offline_conda_package_builds_without_network(project, offline, run_id):
     root, mlbuild, _ = project
     mlbuild("deploy", "bundle")
     pkg = root / "dist/bundle/echo"
     tag = f"it{run_id}-conda-offline:1"
-    r = subprocess.run(["docker", "build", "-q", "--network", "none", "--label",
-                        f"dev.mlbuild.test={run_id}", "-t", tag, str(pkg)],
-                       capture_output=True, text=True, timeout=900)
+    r = offline.build(pkg, tag)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run(["docker", "run", "--rm", "--network", "none", tag, "python", "-c",
-                        "import sys, tinypkg, six; print(sys.prefix, tinypkg.__version__); "
-                        "import importlib.util as u; print(u.find_spec('rattler'))"],
-                       capture_output=True, text=True, timeout=120)
+    r = offline.run(tag, "python", "-c",
+                    "import sys, tinypkg, six; print(sys.prefix, tinypkg.__version__); "
+                    "import importlib.util as u; print(u.find_spec('rattler'))")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["/opt/conda", "1.1", "None"]  # no py-rattler in the image
-    listing = subprocess.run(["docker", "run", "--rm", "--network", "none", tag, "sh", "-c",
-                              "ls /opt/mlbuild-env /opt/mlbuild-installer 2>&1; true"],
-                             capture_output=True, text=True, timeout=60).stdout
+    listing = offline.run(tag, "sh", "-c", "ls /opt/mlbuild-env /opt/mlbuild-installer 2>&1; true",
+                          timeout=60).stdout
     assert "conda-pkgs" not in listing and "No such file" in listing

@@ -245,21 +245,18 @@ def test_package_with_image_tar(proj):
 
 
 
-def test_offline_package_builds_without_network(proj, docker_client, run_id):
+def test_offline_package_builds_without_network(proj, offline, run_id):
     out = json.loads(proj.mlbuild("--json", "deploy", "bundle", "--offline").stdout)
     wheels = step(out, "wheels:sklearn")
     assert wheels["status"] == "ran"
     pkg = proj.root / "dist/package/diabetes"
     assert "--no-index" in (pkg / "Dockerfile").read_text()
     tag = f"it{run_id}-offline:1"
-    r = subprocess.run(["docker", "build", "-q", "--network", "none", "--label",
-                        f"dev.mlbuild.test={run_id}", "-t", tag, str(pkg)],
-                       capture_output=True, text=True, timeout=900)
+    r = offline.build(pkg, tag)
     assert r.returncode == 0, r.stdout + r.stderr
     # Installed in a builder stage: the packages are in the image, the wheels are not.
-    r = subprocess.run(["docker", "run", "--rm", "--network", "none", tag, "sh", "-c",
-                        "test ! -e /opt/mlbuild-env && python -c 'import sklearn, uvicorn'"],
-                       capture_output=True, text=True, timeout=120)
+    r = offline.run(tag, "sh", "-c",
+                    "test ! -e /opt/mlbuild-env && python -c 'import sklearn, uvicorn'")
     assert r.returncode == 0, r.stdout + r.stderr
     # Fetched once: after clean, the same wheels come from the cache.
     first = wheels["summary"].split(" wheels")[0]
