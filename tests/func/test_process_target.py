@@ -327,10 +327,12 @@ def test_serve_entry_script_without_manifest(tmp_path):
         while True:
             try:
                 code, out = post(f"http://127.0.0.1:{port}", b'{"a": 1}', timeout=2)
-                break
+                if code != 503:  # 503: listening, init() not done yet
+                    break
             except OSError:
-                assert time.monotonic() < deadline and p.poll() is None
-                time.sleep(0.1)
+                pass
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.1)
         assert code == 200 and json.loads(out) == {"echo": '{"a": 1}'}
     finally:
         p.terminate()
