@@ -114,6 +114,48 @@ def test_deploy_and_score(proj, docker_client):
     assert not any(proj.key() in v for v in attrs["Config"]["Labels"].values())
 
 
+START_CHECK = """
+import importlib.util, json, os, sys
+sys.dont_write_bytecode = True
+from mlbuild.runtime import server, scoring
+from mlbuild.runtime.config import RuntimeConfig
+scoring.load(RuntimeConfig.from_env()).init()
+print(json.dumps(sorted(m.__file__ for m in list(sys.modules.values())
+      if (getattr(m, "__file__", None) or "").endswith(".py")
+      and not m.__file__.startswith(("/var/mlbuild/app/", "<"))
+      and not os.path.exists(importlib.util.cache_from_source(m.__file__)))))
+"""
+
+
+def test_image_is_slim_yet_starts_without_compiling(proj, tmp_path):
+    """The environment came without debug sections, tests, stubs or bytecode; the warm-up
+    layer compiled exactly what a start imports (the runtime, the script, the model)."""
+    tag = proj.status()["image"]
+    site = "/usr/local/lib/python3.11/dist-packages"
+
+    def run(*cmd, **kw):
+        return subprocess.run(["docker", "run", "--rm", "-e", "MLBUILD_AUTH=none", tag, *cmd],
+                              capture_output=True, timeout=120, **kw)
+
+    r = run("python", "-c", START_CHECK, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []  # nothing compiled at start
+    r = run("sh", "-c", f"cd {site} && find . -name tests -type d; find . -name '*.pyi' "
+                        "-o -name '*.pxd' -o -name '*.h' | head -3; "
+                        "test -d sklearn/linear_model/__pycache__ && echo hot-compiled; "
+                        "test -d sklearn/ensemble/__pycache__ || echo cold-not-compiled",
+            text=True)
+    assert r.stdout.split() == ["hot-compiled", "cold-not-compiled"], r.stdout + r.stderr
+    so = tmp_path / "multiarray.so"
+    so.write_bytes(run("sh", "-c", f"cat {site}/numpy/_core/_multiarray_umath*.so").stdout)
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed: cannot read the sections")
+    sections = subprocess.run([readelf, "-S", "-W", str(so)], capture_output=True, text=True)
+    assert ".dynsym" in sections.stdout and ".text" in sections.stdout
+    assert ".symtab" not in sections.stdout and ".debug" not in sections.stdout
+
+
 def _name(proj) -> str:
     text = (proj.root / "mlproject.yaml").read_text()
     project = re.search(r"^name: (\S+)", text, re.M).group(1)
@@ -182,8 +224,8 @@ def test_new_model_reuses_the_environment_layers(proj, docker_client):
     image = step(out, "image:diabetes")
     assert image["status"] == "ran"
     a, b = layers(docker_client, old_tag), layers(docker_client, proj.status()["image"])
-    n_env = 6  # base, user, env spec, pip install, runtime reqs + install, runtime
-    assert a[:n_env - 1] == b[:n_env - 1]
+    n_env = 6  # base, user, environment (from its builder stage), runtime, imports, warm-up
+    assert a[:n_env] == b[:n_env]
     assert a[-3:] != b[-3:]
     assert proj.score()[0] == 200
 

@@ -6,6 +6,9 @@ The context (``.mlbuild/contexts/<service>/``) holds only what the image needs::
     env/requirements.lock.txt   a pip environment's lock (without its header), or
     env/conda-lock.yml          a conda environment's lock (its packages alone), and
     env/installer/mlbuild/...   the installer the image's builder stage runs on it
+    env/slim.py                 makes the installed environment smaller (mlbuild/slim.py)
+    imports.txt                 what the service imports at start, compiled in the image
+                                (mlbuild/startup_imports.py, mlbuild/runtime/warm.py)
     wheels/, conda-pkgs/        offline only: every locked file
     runtime/mlbuild/...         the serving runtime (mlbuild/__init__.py + runtime/)
     models/NAME/VERSION/...     hard links to the registry's blobs
@@ -48,6 +51,12 @@ def runtime_files() -> list[tuple[str, Path]]:
     return files
 
 
+def build_tools() -> dict[str, Path]:
+    """mlbuild's modules that shape an image without being part of its runtime."""
+    pkg = Path(mlbuild.__file__).parent
+    return {"slim.py": pkg / "slim.py", "startup_imports.py": pkg / "startup_imports.py"}
+
+
 def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], str | None]:
     """Files of the app folder as ``(path in context, source, display path)`` and the
     entry script's path inside ``app/`` (None for a no-code service)."""
@@ -77,7 +86,7 @@ def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], 
 
 class ContextStep(Step):
     kind = "context"
-    version = 4
+    version = 5
     templates = ("Dockerfile.j2",)
 
     def _service(self, ctx):
@@ -111,6 +120,8 @@ class ContextStep(Step):
                 files[sample] = d.file(ctx.project.path(sample))
         for rel, p in runtime_files():
             files[f"<mlbuild>/{rel.removeprefix('runtime/')}"] = d.file(p)
+        for name, p in build_tools().items():
+            files[f"<mlbuild>/mlbuild/{name}"] = d.file(p)
         return files
 
     def out_dir(self, ctx: BuildContext) -> Path:
@@ -185,6 +196,8 @@ class ContextStep(Step):
                     fsutil.link_or_copy(cached_path(ctx, digest, name), dst)
                     listing[f"conda-pkgs/{name}"] = digest
 
+            put_file("env/slim.py", build_tools()["slim.py"])
+
             # The runtime.
             runtime_reqs = None
             for rel, p in runtime_files():
@@ -215,6 +228,16 @@ class ContextStep(Step):
             files, entry_in_app = app_files(ctx, s)
             for rel, p, _ in files:
                 put_file(rel, p)
+
+            # What a start imports, compiled into the image (see startup_imports).
+            from mlbuild.startup_imports import service_imports
+
+            imports = service_imports(
+                [(rel.removeprefix("app/"), p) for rel, p, _ in files],
+                [stage / m["dir"] / f for m in models for f in m["files"]],
+                sorted({project.models[m["name"]].framework for m in models
+                        if m["name"] in project.models and project.models[m["name"]].framework}))
+            put_text("imports.txt", "".join(f"{n}\n" for n in imports))
 
             samples = {}
             for key, sample in (("input", s.schema_input), ("output", s.schema_output)):
