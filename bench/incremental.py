@@ -194,11 +194,21 @@ def image_size(ref: str) -> int:
     return int(query(["docker", "image", "inspect", "--format", "{{.Size}}", ref]).strip())
 
 
+def is_env_layer(created_by: str) -> bool:
+    """Whether a history row made the environment: a `pip install` in the image, or
+    (mlbuild: installed in a builder stage) the COPY of that stage's tree onto `/`."""
+    return "pip install" in created_by or bool(
+        re.search(r"COPY dir:\S+ in (/|/opt/conda) *$", created_by))
+
+
 def pip_layers(ref: str) -> list[str]:
-    """Ids of the intermediate images made by `pip install` steps: the same ids in a new
-    image mean those steps were cache hits, not re-run."""
+    """Ids of the intermediate images made by the steps that install the environment:
+    the same ids in a new image mean those steps were cache hits, not re-run."""
     out = query(["docker", "history", "--no-trunc", "--format", "{{.ID}}\t{{.CreatedBy}}", ref])
-    return [line.split("\t")[0] for line in out.splitlines() if "pip install" in line]
+    ids = [line.split("\t")[0] for line in out.splitlines() if is_env_layer(line)]
+    if not ids:
+        raise SystemExit(f"no environment layer found in the history of {ref}")
+    return ids
 
 
 def layer_sizes(ref: str, base_id: str) -> list[tuple[int, str]]:
@@ -466,7 +476,7 @@ def report(args, ml_cold: Deploy, naive_cold: float, ref_cold: float, ml_noop, m
     print(f"\nreference (base + `pip install --no-cache-dir -r <the environment's file>`): "
           f"{sizes['ref'] / MB:.0f} MB, cold build {ref_cold:.0f} s; env packages "
           f"{env_pkgs / MB:.1f} MB")
-    env_at = next((i for i, (_, how) in enumerate(breakdown) if "pip install" in how), -1)
+    env_at = max((i for i, (_, how) in enumerate(breakdown) if is_env_layer(how)), default=-1)
     above_env = sum(size for size, _ in breakdown[env_at + 1:])
     print(f"mlbuild additions = image - reference = {additions / MB:.1f} MB "
           f"(layers above the environment's: {above_env / MB:.1f} MB)")

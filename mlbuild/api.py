@@ -254,6 +254,11 @@ def clean_images(directory=".", file=None, keep: int = 2) -> list[str]:
 
     project = load_project(find_manifest(Path(directory), file))
     eng = connect()
+    # Releases a redeploy retired (NAME-old) that have stopped hold their image: they go.
+    for name in eng.list_containers({"dev.mlbuild.project": project.name}):
+        st = eng.container_state(name) if name.endswith("-old") else None
+        if st is not None and not st.running:
+            eng.remove_container(name, stop_timeout=0)
     by_service: dict[str, list] = {}
     for img in eng.list_images({"dev.mlbuild.project": project.name}):
         by_service.setdefault(img.labels.get("dev.mlbuild.service", "?"), []).append(img)

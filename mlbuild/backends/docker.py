@@ -796,6 +796,30 @@ class DockerEngine:
         except self._errors.APIError as e:
             raise StepFailed(f"docker rename {name}", _api_message(e)) from None
 
+    def retire_container(self, name: str, new_name: str) -> None:
+        """Let a container go without waiting for it to stop.
+
+        It is renamed ``new_name``, will not be restarted (restart policy ``no``), and
+        gets SIGTERM: it stops by itself once its in-flight requests finished. Removing
+        it afterwards is the caller's (``remove_container``); one that is not running is
+        only renamed.
+
+        Raises:
+            StepFailed: the engine refused (e.g. ``new_name`` is taken).
+            EngineUnavailable: the engine stopped answering.
+        """
+        try:
+            with self._engine_errors():
+                self.api.update_container(name, restart_policy={"Name": "no"})
+                self.api.rename(name, new_name)
+                try:
+                    self.api.kill(new_name, signal="SIGTERM")
+                except self._errors.APIError as e:
+                    if "is not running" not in _api_message(e):
+                        raise
+        except self._errors.APIError as e:
+            raise StepFailed(f"docker rename {name}", _api_message(e)) from None
+
     def stop_and_rename(self, name: str, new_name: str, *, stop_timeout: int = 10) -> None:
         """Stop a container (kept, not removed) and give it another name.
 

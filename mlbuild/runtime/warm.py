@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,9 @@ def main(argv: list[str]) -> int:
     # SIGALRM's default action ends the process: a hanging import cannot hang the build
     # (the RUN line goes on either way).
     signal.alarm(WARM_SECONDS)
+    # What an import writes to a home folder (font caches, config) stays out of the image.
+    home = tempfile.mkdtemp(prefix="mlbuild-warm-home-")
+    os.environ["HOME"] = home
     note = start_runtime_once()
     names: list[str] = []
     if argv:
@@ -115,6 +119,7 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(msg + "\n")
     sys.stdout.flush()
     sys.stderr.flush()
+    shutil.rmtree(home, ignore_errors=True)
     os._exit(0)
 
 

@@ -262,6 +262,46 @@ def test_exited_container_reports_its_exit_code_and_logs(engine, base_image, run
         engine.remove_container(name, stop_timeout=1)
 
 
+TERM_SLOWLY = """
+import signal, sys, time
+def term(*_):
+    print("term: finishing", flush=True)
+    time.sleep(1.5)  # in-flight work
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print("up", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_retire_container_returns_at_once_and_it_exits_by_itself(engine, base_image, run_id):
+    name, retired = f"mlbuild-it-retire-{run_id}", f"mlbuild-it-retire-{run_id}-old"
+    engine.run_container(name, base_image, labels={TEST_LABEL: run_id}, restart="unless-stopped",
+                         command=["python3", "-u", "-c", TERM_SLOWLY])
+    try:
+        wait_for(lambda: "up" in engine.container_logs(name, tail=5), 20, "the container to start")
+        t = time.monotonic()
+        engine.retire_container(name, retired)
+        assert time.monotonic() - t < 1.0  # it did not wait for the 1.5 s shutdown
+        assert engine.container_state(name) is None
+        st = engine.container_state(retired)
+        assert st is not None and st.running  # still finishing
+        assert engine.api.inspect_container(retired)["HostConfig"]["RestartPolicy"]["Name"] == "no"
+        st = wait_for(lambda: (s := engine.container_state(retired)) and s.status == "exited" and s,
+                      20, "the retired container to exit")
+        assert st.exit_code == 0 and st.restart_count == 0
+        assert "term: finishing" in engine.container_logs(retired, tail=5)
+        time.sleep(1)
+        assert engine.container_state(retired).status == "exited"  # not restarted
+        # A stopped container is only renamed.
+        engine.retire_container(retired, name)
+        assert engine.container_state(name).status == "exited"
+    finally:
+        engine.remove_container(name, stop_timeout=1)
+        engine.remove_container(retired, stop_timeout=1)
+
+
 def test_healthcheck_status(engine, base_image, run_id, tmp_path):
     ctx = make_context(tmp_path / "ctx", f"""\
 FROM {base_image}

@@ -212,6 +212,21 @@ def test_edit_score_rebuilds_one_layer_and_replaces_the_container(proj, docker_c
     assert len(a) == len(b) and a[:-1] == b[:-1] and a[-1] != b[-1]  # the app layer only
     assert docker_client.containers.get(_name(proj)).id != old_id
     assert proj.score()[0] == 200
+    # The old release was not waited for: retired as NAME-old, it finishes and exits by
+    # itself, is never restarted, and `clean --images` removes it once stopped.
+    import time
+
+    retired = docker_client.containers.get(f"{_name(proj)}-old")
+    assert retired.id == old_id
+    assert retired.attrs["HostConfig"]["RestartPolicy"]["Name"] == "no"
+    deadline = time.monotonic() + 60
+    while retired.status != "exited" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        retired.reload()
+    assert retired.status == "exited" and retired.attrs["State"]["ExitCode"] == 0
+    proj.mlbuild("clean", "--images", "--keep", "5")
+    names = [c.name for c in docker_client.containers.list(all=True)]
+    assert f"{_name(proj)}-old" not in names and _name(proj) in names
 
 
 def test_new_model_reuses_the_environment_layers(proj, docker_client):
