@@ -27,6 +27,7 @@ import ast
 import bz2
 import gzip
 import lzma
+import os
 import re
 import zlib
 from pathlib import Path
@@ -50,22 +51,20 @@ _GLOBAL = re.compile(rb"c(" + _NAME + rb")\n" + _NAME + rb"\n")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
-def service_imports(app: list[tuple[str, Path]], models: list[Path],
+def service_imports(app: list[tuple[str, Path]], model_modules: set[str],
                     frameworks: list[str]) -> list[str]:
     """The sorted module names a service imports at start (see the module docstring).
 
     Args:
         app: ``(path relative to the app folder, file)`` for every file of the app.
-        models: the model files.
+        model_modules: what :func:`pickle_modules` found in the model files.
         frameworks: the declared frameworks of the service's models.
     """
     local = {rel.split("/", 1)[0].removesuffix(".py") for rel, _ in app}
-    names: set[str] = set()
+    names: set[str] = set(model_modules)
     for rel, path in app:
         if rel.endswith(".py"):
             names |= source_imports(path.read_bytes())
-    for path in models:
-        names |= pickle_modules(path)
     for fw in frameworks:
         names.update(FRAMEWORK_MODULES.get(fw, ()))
     return sorted(n for n in names
@@ -87,6 +86,22 @@ def source_imports(source: bytes) -> set[str]:
             out.add(node.module)
             out.update(f"{node.module}.{a.name}" for a in node.names if a.name != "*")
     return out
+
+
+def cached_pickle_modules(path: Path, digest: str, cache_dir: Path) -> set[str]:
+    """:func:`pickle_modules` of a file whose content digest is ``digest``, remembered in
+    ``cache_dir`` (a large model is read once, not at every edit of the entry script)."""
+    memo = cache_dir / f"{digest.replace(':', '-')}.txt"
+    try:
+        return set(memo.read_text(encoding="utf-8").split())
+    except OSError:
+        pass
+    found = pickle_modules(path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{n}\n" for n in sorted(found)), encoding="utf-8")
+    os.replace(tmp, memo)
+    return found
 
 
 def pickle_modules(path: Path) -> set[str]:

@@ -13,7 +13,8 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mlbuild.startup_imports import pickle_modules, service_imports, source_imports
+from mlbuild.startup_imports import (cached_pickle_modules, pickle_modules, service_imports,
+                                     source_imports)
 
 
 def test_source_imports_anywhere_and_only_absolute():
@@ -81,9 +82,21 @@ def test_service_imports_leave_out_the_app_and_add_frameworks(tmp_path, pipeline
     joblib.dump(pipeline, model)
     app = [("score.py", tmp_path / "score.py"), ("helpers.py", tmp_path / "helpers.py"),
            ("utils/io.py", tmp_path / "utils/io.py")]
-    names = service_imports(app, [model], ["onnx"])
+    found = pickle_modules(model)
+    names = service_imports(app, found, ["onnx"])
     assert names == sorted(names)
     assert {"json", "joblib", "numpy", "os", "onnxruntime"} | EXPECTED <= set(names)
     assert not [n for n in names if n.split(".")[0] in ("helpers", "utils", "score")]
     # Only the files' bytes count: the same inputs, the same list.
-    assert service_imports(list(reversed(app)), [model], ["onnx"]) == names
+    assert service_imports(list(reversed(app)), found, ["onnx"]) == names
+
+
+def test_model_scan_is_remembered_by_digest(tmp_path, pipeline):
+    model = tmp_path / "model.pkl"
+    joblib.dump(pipeline, model)
+    cache = tmp_path / "cache"
+    first = cached_pickle_modules(model, "sha256:abc", cache)
+    assert first == pickle_modules(model) and (cache / "sha256-abc.txt").is_file()
+    model.write_bytes(b"not a pickle any more")  # same digest: the memo answers
+    assert cached_pickle_modules(model, "sha256:abc", cache) == first
+    assert cached_pickle_modules(model, "sha256:def", cache) == set()

@@ -230,11 +230,16 @@ class ContextStep(Step):
                 put_file(rel, p)
 
             # What a start imports, compiled into the image (see startup_imports).
-            from mlbuild.startup_imports import service_imports
+            from mlbuild.startup_imports import cached_pickle_modules, service_imports
 
+            model_modules: set[str] = set()
+            for m in models:
+                for rel in m["files"]:
+                    model_modules |= cached_pickle_modules(
+                        stage / m["dir"] / rel, listing[f"{m['dir']}/{rel}"],
+                        ctx.state_dir / "cache" / "pickle-modules")
             imports = service_imports(
-                [(rel.removeprefix("app/"), p) for rel, p, _ in files],
-                [stage / m["dir"] / f for m in models for f in m["files"]],
+                [(rel.removeprefix("app/"), p) for rel, p, _ in files], model_modules,
                 sorted({project.models[m["name"]].framework for m in models
                         if m["name"] in project.models and project.models[m["name"]].framework}))
             put_text("imports.txt", "".join(f"{n}\n" for n in imports))
