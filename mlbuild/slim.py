@@ -230,7 +230,7 @@ def strip_elf(path: str) -> int:
                         sh[4] = moved(sh[4])
                     out.write(lay.shdr.pack(*sh))
                 new_size = out.tell()
-                out.seek(e_phoff)
+                out.seek(moved(e_phoff))
                 for p in phdrs:
                     if lay.wide:
                         p[2] = moved(p[2])
@@ -238,7 +238,7 @@ def strip_elf(path: str) -> int:
                         p[1] = moved(p[1])
                     out.write(lay.phdr.pack(*p))
                 header = list(lay.ehdr.unpack(head))
-                header[6] = shoff
+                header[5], header[6] = moved(e_phoff), shoff
                 out.seek(0)
                 out.write(lay.ehdr.pack(*header))
             st = os.stat(path)
@@ -369,8 +369,11 @@ def link_duplicates(root: str) -> tuple[int, int]:
                 first[digest] = p
                 continue
             tmp = p + ".mlbuild-link"
-            os.link(first[digest], tmp)
-            os.replace(tmp, p)
+            try:
+                os.link(first[digest], tmp)
+                os.replace(tmp, p)
+            except OSError:  # another file system, a link limit: both copies stay
+                continue
             linked += 1
             saved += size
     return linked, saved
@@ -389,7 +392,10 @@ def slim(root: str) -> dict[str, int]:
         # file, never in place; one with nothing to drop is not touched at all.
         if st.st_size < 1024:
             continue
-        saved = strip_elf(p)
+        try:
+            saved = strip_elf(p)
+        except OSError:  # unreadable, or its folder is read-only: left as it is
+            continue
         if saved:
             out["stripped"] += 1
             out["strip_bytes"] += saved
