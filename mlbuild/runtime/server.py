@@ -7,7 +7,10 @@ Listeners::
     health  host:health_port   only GET /, /healthz/live, /healthz/ready (optional): a
                                stdlib HTTP server in a thread of the first process, up
                                before anything is loaded; ready = init() returned (every
-                               worker's, with several)
+                               worker's, with several); ``/healthz/ready?wait=S``
+                               holds a 503 for up to S seconds (at most 30) and answers
+                               200 as soon as ready: how a deploy waits for a release
+                               with one request instead of a poll every few ms
 
 Start-up::
 
@@ -61,6 +64,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 import uvicorn
 
@@ -81,6 +85,9 @@ EXIT_OK = 0
 EXIT_PORT = 1
 EXIT_INIT_FAILED = 3
 BACKLOG = 2048
+# GET /healthz/ready?wait=S on the health port (see _HealthHandler._wait_ready).
+LONG_POLL_MAX = 30.0
+WAIT_TICK = 0.01
 
 
 def _fast_options() -> dict:
@@ -222,9 +229,12 @@ class _HealthHandler(BaseHTTPRequestHandler):
 
     def _answer(self, body: bool, allowed: bool = True) -> None:
         started = time.perf_counter()
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         rid = self.headers.get("x-request-id") or new_request_id().decode()
-        answer = health_response(path, self.server.is_ready()) if allowed else None
+        ready = self.server.is_ready()
+        if not ready and allowed and path == "/healthz/ready" and query:
+            ready = self._wait_ready(query)
+        answer = health_response(path, ready) if allowed else None
         if answer is not None:
             status, payload, ctype = answer
         elif not allowed:
@@ -246,6 +256,22 @@ class _HealthHandler(BaseHTTPRequestHandler):
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("%s %s %d %.2fms rid=%s (health port)", self.command, path, status,
                             (time.perf_counter() - started) * 1000.0, rid)
+
+    def _wait_ready(self, query: str) -> bool:
+        """``?wait=SECONDS`` (at most LONG_POLL_MAX): hold the answer until ready or the
+        time is up. One request instead of a poll every few ms: a deploy waiting for a
+        new release no longer takes the GIL from its init() (a new thread, a parse and
+        an access line per poll) and learns of readiness within WAIT_TICK."""
+        try:
+            wait = float(parse_qs(query).get("wait", ["0"])[0])
+        except ValueError:
+            return False
+        deadline = time.monotonic() + min(max(wait, 0.0), LONG_POLL_MAX)
+        while time.monotonic() < deadline:
+            time.sleep(WAIT_TICK)
+            if self.server.is_ready():
+                return True
+        return False
 
     def log_message(self, format, *args):  # the access line is written in _answer
         pass

@@ -242,6 +242,27 @@ def test_separate_health_port(start_server, tmp_path, how):
         "x-request-id") == "probe-1"
 
 
+def test_health_port_holds_a_ready_probe_with_wait(start_server, tmp_path):
+    """``/healthz/ready?wait=S``: one request answers 200 as soon as init() returned (how
+    a deploy waits for a container), or 503 once S passed; a bad value answers at once."""
+    health_port = free_port()
+    script = write_script(tmp_path, SLOW_INIT_SCRIPT)
+    start_server(["--entry-script", str(script), "--health-port", str(health_port)],
+                 wait=None)
+    _wait_status(health_port, "/healthz/live", 200, timeout=10)
+    t = time.monotonic()
+    assert _get(health_port, "/healthz/ready?wait=0.3").status == 503
+    assert 0.25 <= time.monotonic() - t < 1.5
+    t = time.monotonic()
+    assert _get(health_port, "/healthz/ready?wait=bad").status == 503
+    assert time.monotonic() - t < 0.5
+    held = _get(health_port, "/healthz/ready?wait=20")  # init() sleeps 2 s in all
+    assert (held.status, held.body) == (200, b"Ready")
+    t = time.monotonic()
+    assert _get(health_port, "/healthz/ready?wait=20").status == 200
+    assert time.monotonic() - t < 0.5  # ready already: no wait
+
+
 # -- compatibility modules ---------------------------------------------------------------
 def test_shims_under_both_names_and_a_real_package_wins(start_server, tmp_path):
     script = write_script(tmp_path, """

@@ -51,16 +51,21 @@ from mlbuild.state import keys as keystore
 HOST = "127.0.0.1"
 KEYS_IN_CONTAINER = "/run/secrets/mlbuild-keys"
 READY_TIMEOUT = float(os.environ.get("MLBUILD_READY_TIMEOUT", "300"))
+LONG_POLL = 1.0  # seconds a readiness request may be held by the runtime
+ENGINE_EVERY = 0.2
 
 
 def container_name(project, service: str, target: str) -> str:
     return f"{project.name}-{service}-{target}"
 
 
-def _ready(port: int) -> bool:
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
+def _ready(port: int, wait: float = 0.0) -> bool:
+    """Does the runtime on ``port`` answer ready? With ``wait``, it may hold its answer
+    up to that long and answer as soon as it is (``?wait=``; an older runtime ignores it
+    and answers at once)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=2 + wait)
     try:
-        conn.request("GET", "/healthz/ready")
+        conn.request("GET", f"/healthz/ready?wait={wait:g}" if wait else "/healthz/ready")
         return conn.getresponse().status == 200
     except (OSError, http.client.HTTPException):
         return False
@@ -76,21 +81,31 @@ def _free_port() -> int:
 
 def wait_ready(eng, name: str, health_port: int, timeout: float):
     """Wait until the container reports ready on ``health_port``. Returns None when it
-    does, else why not: its ContainerState (it exited), "gone" or "timeout"."""
+    does, else why not: its ContainerState (it exited), "gone" or "timeout".
+
+    One long-polling request at a time (``?wait=``): polling every few ms would take the
+    GIL from the new release's init() in its health thread at every poll, and an answer
+    comes within ~10 ms of readiness. Between answers the engine is asked how the
+    container is, at most every ENGINE_EVERY seconds (an exit resets the held request,
+    so an exit is seen within that)."""
     deadline = time.monotonic() + timeout
-    n = 0
-    while time.monotonic() < deadline:
-        if _ready(health_port):
+    asked = time.monotonic()
+    while True:
+        started = time.monotonic()
+        if started >= deadline:
+            return "timeout"
+        if _ready(health_port, wait=min(LONG_POLL, max(deadline - started, 0.01))):
             return None
-        n += 1
-        if n % 4 == 0:  # the engine is asked less often than the port
+        now = time.monotonic()
+        if now - asked >= ENGINE_EVERY:
+            asked = now
             st = eng.container_state(name)
             if st is None:
                 return "gone"
             if not st.running or st.status == "restarting" or st.restart_count:
                 return st
-        time.sleep(0.05)
-    return "timeout"
+        if now - started < 0.05:  # refused, reset or answered at once (an older runtime)
+            time.sleep(0.05)
 
 
 class ContainerStep(RunningServiceStep):
