@@ -36,6 +36,11 @@ build in all but name, ~1 min of downloads), so they run --naive-repeat times
 Dockerfile steps run/cached, and whether any `pip install` layer was rebuilt (its
 intermediate image id changed) are reported for each change.
 
+Every timed command starts after an (untimed) `sync`: a build leaves hundreds of MB
+of freshly written layers whose write-back would otherwise land in the next run, of
+either tool (an mlbuild edit-code redeploy right after the naive rebuild took ~0.4 s
+longer than one after a no-op).
+
 Cold builds. The engine's classic builder (what mlbuild's docker SDK speaks, and what
 `docker build` uses here with DOCKER_BUILDKIT=0) keeps its cache as intermediate
 images, keyed by parent image id. Every run builds its own base `FROM python:3.11-slim`
@@ -134,6 +139,10 @@ def query(cmd: list[str]) -> str:
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, str]:
+    """Wall time and output of a command. The file systems are synced first (not timed):
+    a build writes hundreds of MB of layers, and the write-back of the previous build
+    (mlbuild's or the naive one's) would otherwise land in whichever run comes next."""
+    os.sync()
     t = time.perf_counter()
     out = sh(cmd, cwd)
     return time.perf_counter() - t, out
