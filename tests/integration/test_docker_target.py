@@ -1,7 +1,8 @@
 """The docker target on the real engine and registry: deploy the demo and score through
 the published port; no-op; an edit of score.py rebuilds one layer and replaces the
 container; a new model reuses the environment layers; push, remove, deploy → pulled;
-a broken release leaves the old container serving; a killed container shows Failed.
+a broken release, or Ctrl-C while a release starts, leaves the old container serving;
+a killed container shows Failed.
 
 One project (examples/diabetes, trained once) is deployed through the module, in the
 order of the tests: each test starts from the state the one before left.
@@ -272,6 +273,34 @@ def test_failing_init_keeps_the_old_container_serving(proj, docker_client):
         assert not any(n.endswith("-next") for n in names)
     finally:
         score.write_text(good)
+
+
+def test_ctrl_c_while_the_new_release_starts_keeps_the_old_one(proj, docker_client):
+    import signal
+
+    old_id = docker_client.containers.get(_name(proj)).id
+    score = proj.root / "src/score.py"
+    score.write_text(score.read_text() + "\n# interrupted release\n")
+    p = subprocess.Popen([sys.executable, "-m", "mlbuild", "deploy", "local"], cwd=proj.root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:  # the new container is being started: interrupt the wait
+            if line.split()[:1] == ["starting"] and "-next" in line:
+                p.send_signal(signal.SIGINT)
+                break
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    names = [c.name for c in docker_client.containers.list(all=True)]
+    assert not any(n.endswith("-next") for n in names), names
+    assert docker_client.containers.get(_name(proj)).id == old_id
+    assert proj.score()[0] == 200
+    out = proj.deploy()  # the finished steps were recorded: only the release is left
+    assert ran(out) == ["container:local/diabetes"], ran(out)
+    assert docker_client.containers.get(_name(proj)).id != old_id
+    assert proj.score()[0] == 200
 
 
 def test_killed_container_shows_failed_and_deploy_restarts_it(proj, docker_client):
