@@ -780,6 +780,7 @@ def prepare_serve(service: str, directory=".", file=None, host: str = "127.0.0.1
                     for k, v in context["env"].items()})
         env["AML_APP_ROOT"] = app_root
         env["MLBUILD_AUTH"] = "none"
+        env["MLBUILD_SHOW_ERRORS"] = "1"  # the development server: run()'s error text in a 500
         if svc.entry_script:
             env["MLBUILD_ENTRY_SCRIPT"] = str(p.path(svc.entry_script))
         for key, sample in (("INPUT", svc.schema_input), ("OUTPUT", svc.schema_output)):

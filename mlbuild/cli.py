@@ -405,7 +405,9 @@ def keys(o: Obj, service, target, regenerate):
         click.echo(f"the {regenerate} key changed: run mlbuild deploy to apply it", err=True)
 
 
-_SCRIPT_FLAGS = ("--entry-script", "--entry_script", "--no-code-model")
+# `mlbuild serve SERVICE [--port N] [--host H] [--reload]`; any other command line is
+# the runtime's (azmlinfsrv's options: `mlbuild serve --entry_script score.py ...`).
+_SERVICE_FLAGS = ("--port", "--host", "--reload")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -431,13 +433,36 @@ def serve(o: Obj, args):
     import os
 
     args = list(args)
-    flags = {a.split("=", 1)[0] for a in args}
-    if flags & set(_SCRIPT_FLAGS) or (not args or args[0].startswith("-")) and (
-            os.environ.get("AZUREML_ENTRY_SCRIPT") or os.environ.get("MLBUILD_ENTRY_SCRIPT")):
+    if not args and not (os.environ.get("AZUREML_ENTRY_SCRIPT")
+                         or os.environ.get("MLBUILD_ENTRY_SCRIPT")):
+        from mlbuild.errors import InvalidInput
+
+        raise InvalidInput("mlbuild serve: nothing to serve",
+                           hint="mlbuild serve SERVICE (a service of mlproject.yaml), or "
+                                "mlbuild serve --entry-script FILE")
+    if not _is_service_command_line(args):
         from mlbuild.runtime.__main__ import main as runtime_main
 
         sys.exit(runtime_main(args))
     _serve_service(o, args)
+
+
+def _is_service_command_line(args: list) -> bool:
+    """Whether ``args`` name a service of mlproject.yaml (one word that is no option's
+    value, and only the service form's options) rather than a runtime command line."""
+    words, expect_value = [], False
+    for arg in args:
+        if expect_value:
+            expect_value = False
+            continue
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            if name not in _SERVICE_FLAGS:
+                return False
+            expect_value = name != "--reload" and "=" not in arg
+            continue
+        words.append(arg)
+    return len(words) == 1
 
 
 def _serve_service(o: Obj, args: list) -> None:

@@ -1,11 +1,13 @@
 """``python -m mlbuild.runtime``: serve one entry script (or no-code model).
 
-A drop-in for Azure's ``azmlinfsrv``: accepts its spellings (``--entry_script``,
-``--model_dir``, ``--health_port``, ``--worker_count``, ``--access_control_allow_origins``)
-beside mlbuild's, and its environment variables (``AZUREML_ENTRY_SCRIPT``,
-``AZUREML_MODEL_DIR``, ``AML_APP_ROOT``, ``WORKER_COUNT``, ``SEPERATE_HEALTH_ENDPOINT``,
-``SCORING_TIMEOUT_MS``, ``SERVICE_NAME``). Options given on the command line win over
-the environment. ``mlbuild serve`` forwards to :func:`main` with the same arguments.
+A drop-in for Azure's ``azmlinfsrv`` 1.5.1: every option of its ``--help``
+(``--entry_script``, ``--model_dir``, ``--port``, ``--health_port``, ``--worker_count``,
+``--access_control_allow_origins``, ``--appinsights_instrumentation_key``,
+``--config_file``, ``--rest``) beside mlbuild's spellings, its environment variables and
+its configuration file (azml.py), the environment it exports for the script and its
+start-up banner. Options given on the command line win over the environment, which wins
+over the configuration file. ``mlbuild serve`` forwards to :func:`main` with the same
+arguments.
 
 Exit codes: 0 stopped (SIGTERM/SIGINT: in-flight requests finished), 1 a port cannot be
 listened on, 2 bad options or configuration, 3 loading the entry script or its init()
@@ -15,7 +17,6 @@ failed.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import replace
 
@@ -63,6 +64,16 @@ def build_parser(prog: str = "python -m mlbuild.runtime") -> argparse.ArgumentPa
     p.add_argument("--cors-origins", "--access_control_allow_origins", dest="cors_origins",
                    help="comma-separated allowed origins [MLBUILD_CORS_ORIGINS, "
                         "AML_CORS_ORIGINS]")
+    p.add_argument("--config-file", "--config_file", dest="config_file",
+                   help="azmlinfsrv's JSON configuration file (keys are its environment "
+                        "variables; the environment wins) [AZUREML_CONFIG_FILE, else "
+                        "config.json in AML_APP_ROOT or beside the entry script]")
+    p.add_argument("--appinsights-instrumentation-key", "--appinsights_instrumentation_key",
+                   dest="appinsights_instrumentation_key",
+                   help="accepted for azmlinfsrv's command lines: exported to the script as "
+                        "AML_APP_INSIGHTS_KEY; mlbuild sends no telemetry")
+    p.add_argument("--rest", action="store_true",
+                   help="accepted for azmlinfsrv's command lines; HTTP is the only transport")
     p.add_argument("--no-code-model", dest="no_code_model",
                    help="serve this model file without a script [MLBUILD_NO_CODE_MODEL]")
     p.add_argument("--no-code-framework", dest="no_code_framework")
@@ -88,8 +99,14 @@ def build_parser(prog: str = "python -m mlbuild.runtime") -> argparse.ArgumentPa
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), serve, and return the exit code."""
+    import os
+
+    from mlbuild import __version__
+    from mlbuild.runtime import azml, logformat
+
     args = build_parser().parse_args(argv)
     try:
+        notes = azml.export_before_load(args, os.environ)
         config = RuntimeConfig.from_env()
         options = ServerOptions.from_env()
     except ValueError as exc:
@@ -119,8 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"mlbuild runtime: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    azml.export_after_options(os.environ, port=options.port,
+                              health_port=options.health_port, workers=options.workers)
+    azml.write(azml.banner(os.environ, version=__version__, host=options.host,
+                           port=options.port, health_port=options.health_port,
+                           cors=config.cors_origins, timeout=config.request_timeout))
+    if notes:
+        azml.write("\n".join(notes) + "\n\n")
+    try:
+        logformat.setup(options.log_level, config.app_root, config.entry_script)
+    except ValueError as exc:
+        print(f"mlbuild runtime: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     from mlbuild.runtime.server import run_server  # uvicorn only now that there is work
 
     return run_server(config, options)

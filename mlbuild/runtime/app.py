@@ -63,13 +63,14 @@ import traceback
 from time import perf_counter
 from urllib.parse import parse_qs
 
-from mlbuild.runtime import jsonenc, nocode, openapi, scoring
+from mlbuild.runtime import compat, jsonenc, nocode, openapi, scoring
 from mlbuild.runtime.compat import AMLRequest
 from mlbuild.runtime.config import RuntimeConfig
 from mlbuild.runtime.metrics import Metrics
 
-log = logging.getLogger("mlbuild.runtime")
-access_log = logging.getLogger("mlbuild.runtime.access")
+log = logging.getLogger("azmlinfsrv")
+script_log = logging.getLogger("azmlinfsrv.user_script")
+access_log = logging.getLogger("azmlinfsrv.access")
 
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
@@ -89,7 +90,11 @@ SWAGGER_VERSIONS = {"2": "2", "2.0": "2", "3": "3", "3.0": "3", "3.1": "3.1"}
 class AccessLog:
     """One line per request, buffered and written at most every ``interval`` seconds::
 
-        2026-01-31 12:00:00,123 INFO mlbuild.runtime.access: POST /score 200 0.42ms rid=ID
+        2026-01-31 12:00:00,123 I [4242] azmlinfsrv.access - POST /score 200 0.420ms 17 rid=ID
+
+    (azmlinfsrv's access line -- method, path with its query, status, milliseconds with
+    three decimals, response bytes or ``N/A`` for a streamed answer -- in its log format,
+    UTC, on stdout; then the request id.)
 
     NOTE: through ``logging`` the line costs ~35% of the req/s of a 2-row predict
     (measured, wrk c=16); a preformatted line appended to a list costs ~1%: ~10.6k of
@@ -99,7 +104,6 @@ class AccessLog:
     """
 
     _MS = tuple(f"{i:03d}" for i in range(1000))
-    _CENTS = tuple(f"{i:02d}" for i in range(100))
 
     def __init__(self, stream=None, interval: float = 0.2, max_lines: int = 256):
         self._stream = stream
@@ -109,18 +113,26 @@ class AccessLog:
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
+        self._pid = -1
+        self._who = ""
 
-    def line(self, method: str, path: str, status: int, seconds: float, rid: bytes) -> None:
-        """Record one request: ``seconds`` it took, ``rid`` its request id."""
+    def line(self, method: str, path: str, status: int, seconds: float, rid: bytes,
+             length: bytes | None = None) -> None:
+        """Record one request: ``seconds`` it took, ``rid`` its request id, ``length``
+        the response's content-length (None: streamed)."""
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        hundredths = int(seconds * 100000.0 + 0.5)  # of a millisecond
-        self._lines.append(f"{self._stamp},{self._MS[int(now * 1000.0) % 1000]} INFO "
-                           f"mlbuild.runtime.access: {method} {path} {status} "
-                           f"{hundredths // 100}.{self._CENTS[hundredths % 100]}ms "
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+            pid = os.getpid()
+            if pid != self._pid:
+                self._pid = pid
+                self._who = f" I [{pid}] azmlinfsrv.access - "
+        micros = int(seconds * 1000000.0 + 0.5)
+        self._lines.append(f"{self._stamp},{self._MS[int(now * 1000.0) % 1000]}{self._who}"
+                           f"{method} {path} {status} {micros // 1000}.{self._MS[micros % 1000]}ms "
+                           f"{'N/A' if length is None else length.decode('latin-1')} "
                            f"rid={rid.decode('latin-1')}\n")
         if len(self._lines) >= self._max:
             self.flush()
@@ -138,7 +150,7 @@ class AccessLog:
     def flush(self) -> None:
         """Write the waiting lines."""
         if self._lines:
-            stream = self._stream or sys.stderr
+            stream = self._stream or sys.stdout
             text, self._lines = "".join(self._lines), []
             try:
                 stream.write(text)
@@ -172,6 +184,15 @@ def _error(status: int, message: str) -> bytes:
 
 
 NOT_READY = _error(503, "the service is starting: init() has not returned yet")
+RUN_FAILED_MESSAGE = ("An unexpected error occurred in scoring script. Check the logs for "
+                      "more info.")  # azmlinfsrv's words: a 500 never carries the script's
+RUN_FAILED_BODY = _error(500, RUN_FAILED_MESSAGE)
+# Answered while init() runs; every other path waits for it (ScoringApp._until_ready).
+UNHELD_PATHS = frozenset({"/healthz/live", "/healthz/ready", "/metrics"})
+# Health probes: a 200 of theirs is not written to the access log (as azmlinfsrv's
+# RootAccessFilter drops "GET /"), every other answer is.
+PROBE_PATHS = frozenset({"/", "/healthz/live", "/healthz/ready"})
+MAX_HELD = 1000  # requests held at once during init(); more get 503 at once
 
 
 def health_response(path: str, ready: bool):
@@ -380,6 +401,12 @@ class ScoringApp:
         self._docs: dict[str, bytes] = {}
         self._access = (AccessLog() if config.access_log
                         and access_log.isEnabledFor(logging.INFO) else None)
+        self._version = ((b"x-ms-server-version", config.server_version.encode("latin-1"))
+                         if config.server_version else None)
+        # Requests held until init() returned (see _until_ready).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready_event: asyncio.Event | None = None
+        self._held = 0
 
     # -- loading ---------------------------------------------------------------------
     def start(self) -> None:
@@ -398,20 +425,72 @@ class ScoringApp:
 
     def _load_and_init(self) -> None:
         started = time.perf_counter()
+        stage = "load"
         try:
             scorer = self._loader()
             log.info("loaded %s (%s mode); running init()", scorer.name, scorer.mode)
+            stage = "init"
+            script_log.info("Invoking user's init function")
             scorer.init()
         except BaseException as exc:  # noqa: BLE001 - SystemExit from init() is fatal too
             self.failure = f"{type(exc).__name__}: {exc}"
-            log.error("init failed, the service cannot start:\n%s", traceback.format_exc())
+            if stage == "init":
+                script_log.error("User's init function failed")
+            if isinstance(exc, scoring.LoadError):  # ours: the message says it all
+                log.error("the service cannot start: %s", exc)
+            else:
+                log.error("the service cannot start: %s failed:\n%s",
+                          "loading the entry script" if stage == "load" else "init()",
+                          traceback.format_exc())
+            self._wake_held_from_thread()  # they get 503 now, and the server can stop
             self._on_fatal(self)
             return
+        script_log.info("Users's init has completed successfully")  # azmlinfsrv's words
         self.scorer = scorer
         self.ready = True
-        log.info("ready: init() took %.2f s", time.perf_counter() - started)
+        self._wake_held_from_thread()
+        log.info("ready: init() took %.2f s; scoring timeout %s; worker with pid %d ready "
+                 "for serving traffic", time.perf_counter() - started,
+                 f"{self._timeout * 1000:g} ms" if self._timeout else "none", os.getpid())
         if self._on_ready is not None:
             self._on_ready(self)
+
+    def _wake_held(self) -> None:
+        if self._ready_event is not None:
+            self._ready_event.set()
+
+    def _wake_held_from_thread(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._wake_held)
+            except RuntimeError:  # the loop is closed: the server stopped
+                pass
+
+    async def _until_ready(self) -> bool:
+        """Hold a request until init() returned: True then; False after
+        ``config.start_hold`` seconds, or at once when MAX_HELD requests wait already.
+
+        NOTE: azmlinfsrv (gunicorn) accepts nothing until its worker loaded the script:
+        a client that polls ``GET /`` and then posts gets its answer. Holding here keeps
+        that promise while the explicit probes (/healthz/*) answer at once. Costs nothing
+        once ready: the caller checks ``self.ready`` first.
+        """
+        if self._held >= MAX_HELD:
+            return False
+        if self._ready_event is None:
+            self._loop = asyncio.get_running_loop()
+            self._ready_event = asyncio.Event()
+        if self.ready or self.failure is not None:  # between the caller's check and now
+            return self.ready
+        self._held += 1
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), self.config.start_hold)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._held -= 1
+        return self.ready
 
     # -- ASGI ------------------------------------------------------------------------
     async def __call__(self, scope, receive, send):
@@ -436,7 +515,7 @@ class ScoringApp:
                 return
 
     async def _http(self, scope, receive, send):
-        started = perf_counter()
+        started = scope["mlbuild.started"] = perf_counter()
         if self._loader_thread is None:
             self.start()
         method = scope["method"]
@@ -485,22 +564,29 @@ class ScoringApp:
                 headers.append((b"vary", b"Origin"))
                 headers.append((b"access-control-expose-headers", b"x-request-id"))
 
+        if self._version is not None:
+            headers.append(self._version)
         status = 200
         try:
+            if not self.ready and path not in UNHELD_PATHS and not await self._until_ready():
+                status = 503
+                headers.append((b"retry-after", b"5"))
+                await _respond(send, 503, NOT_READY, JSON, headers)
+                return
             if too_long is not None:
                 status = 431
                 await _respond(send, 431, _error(431, f"{too_long} must not exceed "
                                                  f"{REQUEST_ID_LIMIT} characters"), JSON, headers)
                 return
             if path == "/score":
-                if method == "POST":
+                if method == "POST" or method == "GET":
                     status = await self._score(scope, receive, send, headers, auth, ctype, clen)
                     return
                 if method == "OPTIONS":
                     status = await self._options(send, headers, origin, cors_ok, req_headers)
                     return
                 status = 405
-                headers.append((b"allow", b"POST, OPTIONS"))
+                headers.append((b"allow", b"GET, POST, OPTIONS"))
                 await _respond(send, 405, _error(405, f"{method} not allowed on /score"),
                                JSON, headers)
                 return
@@ -518,8 +604,16 @@ class ScoringApp:
         finally:
             elapsed = perf_counter() - started
             self.metrics.observe(method, path, status, elapsed)
-            if self._access is not None:
-                self._access.line(method, path, status, elapsed, rid)
+            if self._access is not None and (status != 200 or path not in PROBE_PATHS) \
+                    and "mlbuild.logged" not in scope:
+                last = headers[-1]
+                if last[0] == b"content-length":
+                    length = last[1]
+                else:  # streamed (none), or a header after it
+                    length = next((v for k, v in headers if k == b"content-length"), None)
+                query = scope.get("query_string")
+                self._access.line(method, f"{path}?{query.decode('latin-1')}" if query else path,
+                                  status, elapsed, rid, length)
 
     def _get(self, path: str, query: bytes):
         health = health_response(path, self.ready)
@@ -554,13 +648,11 @@ class ScoringApp:
         ``swagger2.json`` (version 2), ``swagger3.json``, ``swagger3.1.json``, looked up in
         AML_APP_ROOT, else beside the entry script."""
         cfg = self.config
-        folder = cfg.app_root or (os.path.dirname(os.path.abspath(cfg.entry_script))
-                                  if cfg.entry_script else None)
-        if not folder:
-            return None
+        folders = [f for f in (cfg.app_root, os.path.dirname(os.path.abspath(cfg.entry_script))
+                               if cfg.entry_script else None) if f]
         names = ("swagger.json", "swagger2.json") if version == "2" else (f"swagger{version}.json",)
-        for name in names:
-            path = os.path.join(folder, name)
+        for path in (os.path.join(folder, name) for folder in dict.fromkeys(folders)
+                     for name in names):
             try:
                 with open(path, encoding="utf-8") as fh:
                     return json.dumps(json.load(fh), indent=2).encode()
@@ -582,7 +674,7 @@ class ScoringApp:
                 or openapi.load_sample_schema(cfg.schema_input)
             out_schema = (scorer.output_schema if scorer else None) \
                 or openapi.load_sample_schema(cfg.schema_output)
-            title = cfg.service_name or (scorer.name if scorer else "ML service")
+            title = cfg.service_name or "ML service"  # azmlinfsrv's title (SERVICE_NAME)
             doc = openapi.swagger2(title, in_schema, out_schema, auth=bool(self._keys),
                                    version=cfg.service_version)
             if version != "2":
@@ -613,6 +705,8 @@ class ScoringApp:
             headers.append((b"retry-after", b"1"))
             await _respond(send, 503, NOT_READY, JSON, headers)
             return 503
+        if scope["method"] == "GET":  # run() with the query's arguments, as azmlinfsrv
+            return await self._score_get(scope, send, headers, scorer)
         if clen is not None and clen.isdigit() and int(clen) > self._max_body:
             return await self._too_large(send, headers)
         message = await receive()
@@ -649,12 +743,32 @@ class ScoringApp:
                     return 400
                 kwargs = arg
         else:
-            client = scope.get("client")
-            arg = AMLRequest(scope["method"], scope["path"], scope.get("query_string", b""),
-                             scope["headers"], body, client[0] if client else None)
+            arg = _aml_request(scope, body)
+        return await self._call_run(send, headers, scorer, scope, arg, kwargs)
 
+    async def _score_get(self, scope, send, headers, scorer) -> int:
+        """``GET /score?a=1&b=[1,2]``: the arguments, each parsed as JSON where it is JSON
+        (a repeated one as a list), as azmlinfsrv hands them: the JSON text of the object
+        to a plain run(), the object's keys to a schema-decorated one, the object to a
+        no-code model; the request itself to ``@rawhttp``."""
+        if scorer.mode == "raw":
+            return await self._call_run(send, headers, scorer, scope,
+                                        _aml_request(scope, b""), None)
+        params = _query_params(scope.get("query_string", b""))
+        if scorer.mode == "text":
+            return await self._call_run(send, headers, scorer, scope, json.dumps(params), None)
+        if scorer.spread_json:
+            return await self._call_run(send, headers, scorer, scope, None, params)
+        return await self._call_run(send, headers, scorer, scope, params, None)
+
+    async def _call_run(self, send, headers, scorer, scope, arg, kwargs) -> int:
         try:
-            run = scorer.run if kwargs is None else functools.partial(scorer.run, **kwargs)
+            run = scorer.run
+            if scorer.wants_headers:
+                run = functools.partial(run, request_headers=dict(
+                    compat.Headers.from_asgi(scope["headers"]).items()))
+            if kwargs is not None:
+                run = functools.partial(run, **kwargs)
             if scorer.is_async:
                 call = run(arg) if kwargs is None else run()
                 if self._timeout:
@@ -667,7 +781,7 @@ class ScoringApp:
             else:
                 result = run(arg) if kwargs is None else run()
             if result.__class__ not in PLAIN_JSON:  # an AMLResponse, bytes, a generator...
-                return await self._send_result(send, result, headers)
+                return await self._send_result(send, result, headers, scope)
             out = jsonenc.dumps(result)
         except nocode.BadInput as exc:
             await _respond(send, 400, _error(400, str(exc)), JSON, headers)
@@ -679,11 +793,16 @@ class ScoringApp:
             await _respond(send, 500, _error(500, str(exc)), JSON, headers)
             return 500
         except Exception as exc:  # noqa: BLE001 - any error of the script is a 500
-            log.error("run() failed (x-request-id %s):\n%s",
+            log.error("run() failed (x-request-id %s): Encountered Exception: %s",
                       headers[0][1].decode("latin-1"), traceback.format_exc())
-            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             headers.append(RUN_FAILED)
-            await _respond(send, 500, _error(500, message), JSON, headers)
+            if self.config.show_errors:  # the development server: the text, marked
+                text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                body = json.dumps({"status_code": 500, "message": RUN_FAILED_MESSAGE,
+                                   "development_server_error": text}).encode()
+            else:
+                body = RUN_FAILED_BODY
+            await _respond(send, 500, body, JSON, headers)
             return 500
         headers += ((b"content-type", JSON), (b"content-length", b"%d" % len(out)))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -695,24 +814,47 @@ class ScoringApp:
                                          " (MLBUILD_MAX_BODY_BYTES)"), JSON, headers)
         return 413
 
-    async def _send_result(self, send, result, headers) -> int:
+    def _log_stream(self, scope, status: int, headers) -> None:
+        """The access line of a streamed answer, written as it starts (as azmlinfsrv's,
+        whose Flask logs before the body is iterated): time to the first byte, ``N/A``
+        bytes. Flushed at once: a stream may last longer than the buffer waits."""
+        if self._access is None:
+            return
+        scope["mlbuild.logged"] = True
+        query = scope.get("query_string")
+        path = scope["path"]
+        self._access.line(scope["method"], f"{path}?{query.decode('latin-1')}" if query else path,
+                          status, perf_counter() - scope["mlbuild.started"], headers[0][1])
+        self._access.flush()
+
+    async def _send_result(self, send, result, headers, scope) -> int:
         if hasattr(result, "status_code") and hasattr(result, "get_data"):  # AMLResponse
             status = int(result.status_code)
             ctype = None
             failed = status >= 500 or bool(getattr(result, "run_function_failed", False))
             for name, value in result.headers.items():
                 lower = name.lower()
-                if lower in ("content-length", "x-ms-run-function-failed"):
-                    continue  # ours, below (azureml's real AMLResponse always sets it)
+                if lower == "x-ms-run-function-failed":  # Azure's AMLResponse always sets it
+                    failed = failed or str(value) == "True"
+                    continue
+                if lower in ("content-length", "transfer-encoding"):
+                    continue  # ours
                 if lower == "content-type":
                     ctype = str(value).encode("latin-1")
                     continue
                 headers.append((name.encode("latin-1"), str(value).encode("latin-1")))
             if failed:
                 headers.append(RUN_FAILED)
+            if getattr(result, "is_streamed", False):  # AMLResponse(generator): a chunk each
+                headers.append((b"content-type", ctype or TEXT))
+                self._log_stream(scope, status, headers)
+                await _stream(send, result.response, headers, self._runner, status)
+                return status
             await _respond(send, status, result.get_data(), ctype, headers)
             return status
         if inspect.isgenerator(result) or inspect.isasyncgen(result):
+            headers.append((b"content-type", TEXT))
+            self._log_stream(scope, 200, headers)
             await _stream(send, result, headers, self._runner)
             return 200
         if isinstance(result, (bytes, bytearray, memoryview)):
@@ -761,31 +903,59 @@ def _chunk(item) -> bytes:
     return jsonenc.dumps(item) + b"\n"
 
 
-async def _stream(send, result, headers, runner: RunThread | None = None) -> None:
-    """Send each item of a generator returned by run() as its own chunk.
+async def _stream(send, result, headers, runner: RunThread | None = None,
+                  status: int = 200) -> None:
+    """Send each item of a generator returned by run() (or given to an AMLResponse) as
+    its own chunk.
 
-    A sync generator is advanced where run() ran: in the run thread when there is one, so
-    a slow item does not hold the event loop.
+    A sync iterator is advanced off the event loop -- in the run thread when there is
+    one, else in the loop's default executor -- so a slow item (a generator that waits
+    for its next token) holds neither other requests nor health checks.
     """
-    headers.append((b"content-type", b"text/plain; charset=utf-8"))
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     try:
-        if inspect.isasyncgen(result):
+        if hasattr(result, "__anext__"):
             async for item in result:
                 await send({"type": "http.response.body", "body": _chunk(item), "more_body": True})
-        elif runner is not None:
-            step = functools.partial(next, result, _END)
+        else:
+            iterator = iter(result)
+            step = functools.partial(next, iterator, _END)
+            loop = asyncio.get_running_loop()
             while True:
-                item = await runner.call(step)
+                if runner is not None:
+                    item = await runner.call(step)
+                else:
+                    item = await loop.run_in_executor(None, step)
                 if item is _END:
                     break
-                await send({"type": "http.response.body", "body": _chunk(item), "more_body": True})
-        else:
-            for item in result:
                 await send({"type": "http.response.body", "body": _chunk(item), "more_body": True})
     except Exception:  # noqa: BLE001 - headers are sent; all we can do is log and end
         log.error("run()'s generator failed mid-stream:\n%s", traceback.format_exc())
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _aml_request(scope, body: bytes) -> AMLRequest:
+    client = scope.get("client")
+    return AMLRequest(scope["method"], scope["path"], scope.get("query_string", b""),
+                      scope["headers"], body, client[0] if client else None,
+                      scheme=scope.get("scheme", "http"), server=scope.get("server"))
+
+
+def _query_params(query: bytes) -> dict:
+    """azmlinfsrv's reading of GET arguments: each value parsed as JSON where it is JSON,
+    else kept as text; a repeated name gives a list."""
+    out: dict = {}
+    for key, values in parse_qs(query.decode("latin-1"), keep_blank_values=True).items():
+        parsed = [_json_or_text(v) for v in values]
+        out[key] = parsed[0] if len(parsed) == 1 else parsed
+    return out
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def create_app(config: RuntimeConfig | None = None, *, loader=None, on_fatal=None,

@@ -14,6 +14,9 @@ DEFAULT_HEALTH_PORT = 5000  # azmlinfsrv's, with SEPERATE_HEALTH_ENDPOINT=true
 DEFAULT_GRACEFUL_TIMEOUT = 30.0  # seconds; Kubernetes' default grace period
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DISPATCH_MODES = ("inline", "thread")
+DEFAULT_START_HOLD = 300.0  # seconds a request may wait for init() to return
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_LEVEL_ALIASES = {"warn": "warning", "critical": "error", "fatal": "error"}
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -34,6 +37,17 @@ def _number(env, name: str, kind=float):
         return kind(value)
     except ValueError:
         raise ValueError(f"{name}={value!r}: expected a number") from None
+
+
+def _start_hold(env) -> float:
+    value = _number(env, "MLBUILD_START_HOLD")
+    return DEFAULT_START_HOLD if value is None or value < 0 else value
+
+
+def _log_level(env) -> str:
+    """MLBUILD_LOG_LEVEL, else azmlinfsrv's AZUREML_LOG_LEVEL (INFO, WARNING, ...)."""
+    value = (env.get("MLBUILD_LOG_LEVEL") or env.get("AZUREML_LOG_LEVEL") or "info").lower()
+    return _LOG_LEVEL_ALIASES.get(value, value)
 
 
 def _timeout(env) -> float | None:
@@ -66,7 +80,15 @@ class RuntimeConfig:
             ``thread`` in the run thread (see app.py for the measured trade-off).
         request_timeout: Seconds a request may wait for run(); None for no limit. A
             timeout implies ``thread`` dispatch for a sync run() (see app.py).
-        access_log: One line per request on stderr.
+        access_log: One line per request on stdout.
+        server_version: The ``x-ms-server-version`` response header (azmlinfsrv's
+            ``HTTP_X_MS_SERVER_VERSION``); None sends none.
+        show_errors: A 500 from run() also carries the exception's text (``mlbuild serve
+            SERVICE``, the development server); otherwise only the log has it.
+        start_hold: Seconds a request to the scoring port waits for init() to return
+            before it gets 503 (``MLBUILD_START_HOLD``).
+        source_dir: azmlinfsrv's ``AZUREML_SOURCE_DIRECTORY``: ``app_root/source_dir`` is
+            put on ``sys.path``.
     """
 
     entry_script: str | None = None
@@ -84,6 +106,10 @@ class RuntimeConfig:
     dispatch: str = "inline"
     request_timeout: float | None = None
     access_log: bool = True
+    server_version: str | None = None
+    show_errors: bool = False
+    start_hold: float = DEFAULT_START_HOLD
+    source_dir: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -123,6 +149,10 @@ class RuntimeConfig:
             dispatch=dispatch,
             request_timeout=_timeout(env),
             access_log=_bool(env.get("MLBUILD_ACCESS_LOG"), True),
+            server_version=env.get("HTTP_X_MS_SERVER_VERSION") or None,
+            show_errors=_bool(env.get("MLBUILD_SHOW_ERRORS"), False),
+            start_hold=_start_hold(env),
+            source_dir=env.get("AZUREML_SOURCE_DIRECTORY") or None,
         )
 
     def with_overrides(self, **changes) -> RuntimeConfig:
@@ -191,7 +221,7 @@ class ServerOptions:
             reuse_port=_bool(env.get("MLBUILD_REUSE_PORT"), False),
             ready_file=env.get("MLBUILD_READY_FILE") or None,
             graceful_timeout=DEFAULT_GRACEFUL_TIMEOUT if graceful is None else graceful,
-            log_level=(env.get("MLBUILD_LOG_LEVEL") or "info").lower(),
+            log_level=_log_level(env),
         )
 
     def with_overrides(self, **changes) -> ServerOptions:
@@ -210,7 +240,7 @@ class ServerOptions:
             out.append("reuse-port needs a fixed port, not 0")
         if self.graceful_timeout < 0:
             out.append(f"graceful timeout {self.graceful_timeout} is negative")
-        if self.log_level not in ("debug", "info", "warning", "error"):
+        if self.log_level not in LOG_LEVELS:
             out.append(f"log level {self.log_level!r}: expected debug, info, warning or error")
         if self.ready_file:
             folder = os.path.dirname(os.path.abspath(self.ready_file))

@@ -20,7 +20,7 @@ import sys
 from mlbuild.runtime import compat
 from mlbuild.runtime.config import RuntimeConfig
 
-log = logging.getLogger("mlbuild.runtime")
+log = logging.getLogger("azmlinfsrv.user_script")
 
 
 class LoadError(Exception):
@@ -40,10 +40,19 @@ class Scorer:
             inspect.iscoroutinefunction(run)
         self.input_schema: dict | None = None
         self.output_schema: dict | None = None
+        # run(data, request_headers) gets the request's headers as a dict (azmlinfsrv).
+        self.wants_headers = _takes_request_headers(run)
 
     def init(self) -> None:
         if self._init is not None:
             self._init()
+
+
+def _takes_request_headers(run) -> bool:
+    try:
+        return "request_headers" in inspect.signature(run).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def resolve_entry_script(path: str, app_root: str | None) -> str:
@@ -128,11 +137,16 @@ def _input_errors_as_400(run):
     except (TypeError, ValueError):
         signature = None
 
+    wants_headers = signature is not None and "request_headers" in signature.parameters
+
     def check(payload: dict) -> None:
         if signature is None:
             return
         try:
-            signature.bind(**payload)
+            if wants_headers and "request_headers" not in payload:
+                signature.bind(request_headers=None, **payload)
+            else:
+                signature.bind(**payload)
         except TypeError as exc:
             names = ", ".join(signature.parameters)
             raise BadInput(f"the request's keys do not match run({names}): {exc}") from None
@@ -163,7 +177,8 @@ def _input_errors_as_400(run):
     return checked
 
 
-def load_entry_script(path: str, app_root: str | None = None) -> Scorer:
+def load_entry_script(path: str, app_root: str | None = None,
+                      source_dir: str | None = None) -> Scorer:
     """Import the script (its folder on ``sys.path``) and work out how to call ``run``.
 
     Exceptions raised by the script's own top-level code propagate unchanged, so their
@@ -175,8 +190,13 @@ def load_entry_script(path: str, app_root: str | None = None) -> Scorer:
     resolved = resolve_entry_script(path, app_root)
     if app_root and os.path.abspath(app_root) not in sys.path:
         sys.path.insert(0, os.path.abspath(app_root))
+    if source_dir:  # azmlinfsrv's AZUREML_SOURCE_DIRECTORY, relative to AML_APP_ROOT
+        folder = os.path.abspath(os.path.join(app_root or os.getcwd(), source_dir))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     compat.install()
     module = _import_script(resolved)
+    log.info("Found user script at %s", os.path.abspath(resolved))
     run = getattr(module, "run", None)
     if not callable(run):
         raise LoadError(f"entry script {resolved!r} defines no run() function")
@@ -187,13 +207,18 @@ def load_entry_script(path: str, app_root: str | None = None) -> Scorer:
         log.warning("entry script %s defines no init(); continuing without it", resolved)
     name = os.path.splitext(os.path.basename(resolved))[0]
     if compat.rawhttp_requested(run):
+        log.info("run() is decorated with @rawhttp. Server will invoke it with the "
+                 "request object.")
         return Scorer(run, init, mode="raw", name=name)
     decorated, in_schema, out_schema = _schema_decorated(run)
     if decorated:
         scorer = Scorer(_input_errors_as_400(run), init, mode="json", name=name,
                         spread_json=True)
         scorer.input_schema, scorer.output_schema = in_schema, out_schema
+        log.info("run() is decorated with @input_schema. Server will invoke it with the "
+                 "body's keys as arguments.")
         return scorer
+    log.info("run() is not decorated. Server will invoke it with the input in JSON string.")
     return Scorer(run, init, mode="text", name=name)
 
 
@@ -205,7 +230,7 @@ def load(config: RuntimeConfig) -> Scorer:
     """
     config.export_model_dir()
     if config.entry_script:
-        return load_entry_script(config.entry_script, config.app_root)
+        return load_entry_script(config.entry_script, config.app_root, config.source_dir)
     if config.no_code_model:
         from mlbuild.runtime import nocode
 

@@ -78,8 +78,8 @@ from mlbuild.runtime.app import (
 )
 from mlbuild.runtime.config import RuntimeConfig, ServerOptions
 
-log = logging.getLogger("mlbuild.runtime")
-access_log = logging.getLogger("mlbuild.runtime.access")
+log = logging.getLogger("azmlinfsrv")
+access_log = logging.getLogger("azmlinfsrv.access")
 
 EXIT_OK = 0
 EXIT_PORT = 1
@@ -428,8 +428,10 @@ def _serve(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | 
         if stop.event.is_set():  # a signal between our handler and uvicorn's
             server.should_exit = True
 
+    # NOTE: log_config=None: uvicorn's lines go through the root logger (logformat.py),
+    # in the runtime's format and on its stream.
     uv_config = uvicorn.Config(app, **_fast_options(), log_level=options.log_level,
-                               access_log=False, server_header=False, lifespan="on",
+                               log_config=None, access_log=False, server_header=False, lifespan="on",
                                proxy_headers=_trust_proxy_headers(),
                                timeout_graceful_shutdown=options.graceful_timeout)
     server = _Server(uv_config, on_started)
@@ -480,8 +482,9 @@ def exit_fast(code: int) -> None:
 def _worker_main(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | None,
                  ready, log_level: str) -> None:
     """Entry point of a worker process (spawned: nothing is inherited but the args)."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mlbuild.runtime import logformat
+
+    logformat.setup(log_level, config.app_root, config.entry_script)
     code = _serve(config, options, sock, on_ready_port=lambda _port: ready.set(),
                   stop=_Stop().install(), watch_parent=True)
     exit_fast(code)

@@ -12,7 +12,10 @@ import pytest
 from conftest import REPO, START_TIMEOUT, write_script
 
 
-def test_readiness_503_while_init_runs_then_200(start_server, tmp_path):
+def test_scoring_port_holds_requests_until_init_returned(start_server, tmp_path):
+    """As azmlinfsrv: nothing on the scoring port answers before init() returned -- a
+    client polling GET / and then posting gets its answer, not a 503. The explicit probes
+    answer at once: /healthz/live 200, /healthz/ready 503 until ready."""
     script = write_script(tmp_path, """
         import time
 
@@ -24,11 +27,32 @@ def test_readiness_503_while_init_runs_then_200(start_server, tmp_path):
     """)
     server = start_server(["--entry-script", str(script)], wait="listening")
     assert server.get("/healthz/live").status == 200
-    assert server.get("/").status == 200
     ready = server.get("/healthz/ready")
-    assert ready.status == 503
+    assert ready.status == 503 and ready.json()["status_code"] == 503
+    started = time.monotonic()
+    health = server.get("/", timeout=15)  # held, then "Healthy"
+    held_for = time.monotonic() - started
+    assert (health.status, health.body) == (200, b"Healthy")
+    assert held_for > 0.5, held_for  # it waited for init(), it did not answer at once
+    assert server.get("/healthz/ready").status == 200
+    assert server.post(body="{}").json() == "ok"
+
+
+def test_a_request_held_past_start_hold_gets_503(start_server, tmp_path):
+    script = write_script(tmp_path, """
+        import time
+
+        def init():
+            time.sleep(3.0)
+
+        def run(raw_data):
+            return "ok"
+    """)
+    server = start_server(["--entry-script", str(script)], wait="listening",
+                          env={"MLBUILD_START_HOLD": "0.3"})
     busy = server.post(body="{}")
     assert busy.status == 503 and busy.json()["status_code"] == 503
+    assert busy.headers["retry-after"]
     server.wait_ready(timeout=15)
     assert server.post(body="{}").json() == "ok"
 
