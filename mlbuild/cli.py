@@ -96,8 +96,12 @@ def validate(o: Obj):
         return _emit_json({"valid": True, "project": p.name, "models": list(p.models),
                            "environments": list(p.environments), "services": list(p.services),
                            "targets": list(p.targets), "default_target": p.default_target})
+    defaults = [e.name for e in p.environments.values() if e.default_for]
+    envs = f"{len(p.environments)} environments"
+    if defaults:
+        envs += f" (no-code defaults: {', '.join(defaults)})"
     click.echo(f"{p.manifest_path.name}: valid — project {p.name}: {len(p.models)} models, "
-               f"{len(p.environments)} environments, {len(p.services)} services, "
+               f"{envs}, {len(p.services)} services, "
                f"{len(p.targets)} targets (default: {p.default_target})")
 
 

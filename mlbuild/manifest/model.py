@@ -68,7 +68,12 @@ class Model:
 @dataclass(frozen=True)
 class Environment:
     """An environment: exactly one of a conda spec, a requirements file, or
-    ``python`` + ``packages``."""
+    ``python`` + ``packages``.
+
+    ``default_for`` names the framework of a no-code service's default environment,
+    which the manifest does not declare (:mod:`mlbuild.manifest.nocode`); None for a
+    declared one. Its packages and name say all it installs, so it stays out of
+    ``config()``."""
 
     name: str
     conda: str | None = None
@@ -78,6 +83,7 @@ class Environment:
     base_image: str | None = None
     platforms: tuple[str, ...] = ("linux-64",)  # conda: the subdirs locked
     solver: str | None = None  # conda: the solver conda-lock drives
+    default_for: str | None = None
     line: int | None = field(default=None, compare=False)
 
     @property
@@ -129,7 +135,8 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Service:
-    """A scoring service: an entry script (or a no-code model) in an environment."""
+    """A scoring service: an entry script (or a no-code model) in an environment (a
+    no-code service's may be its framework's default one)."""
 
     name: str
     environment: str

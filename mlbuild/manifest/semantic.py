@@ -10,7 +10,9 @@ problems elsewhere, and collects every problem instead of stopping at the first:
   paths, no ``..``, no symlink that resolves outside);
 * names: ``<project>-<service>-<target>`` fits a Docker/Kubernetes name (63);
 * process/docker targets do not share a port, package targets do not share ``out``;
-* a service without an entry script has exactly one no-code model.
+* a service without an entry script has exactly one no-code model;
+* a service without an environment is a no-code one: it gets the default environment
+  of its model's framework (:mod:`mlbuild.manifest.nocode`), added to the Project.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from types import MappingProxyType
 
 from mlbuild.errors import Problem
 from mlbuild.fsutil import resolves_outside
+from mlbuild.manifest import nocode
 from mlbuild.manifest.model import (
     EMBEDDED_DEFAULT_TARGET,
     NO_CODE_FRAMEWORKS,
@@ -201,7 +204,7 @@ class _Builder:
         registry = _str(self.data.get("registry"))
         models = self.models()
         envs = self.environments()
-        services = self.services(models, envs)
+        services = self.services(models, envs)  # adds the no-code default environments
         inputs = [m.path for m in models.values()]
         inputs += [e.spec_file for e in envs.values() if e.spec_file]
         inputs += [p for s in services.values() for p in (s.entry_script, s.source_dir) if p]
@@ -309,6 +312,8 @@ class _Builder:
         return out
 
     def services(self, models: dict, envs: dict) -> dict[str, Service]:
+        """The services; a no-code service without an environment gets its framework's
+        default one, added to ``envs``."""
         declared_models = set(_mapping(self.data.get("models")))
         declared_envs = set(_mapping(self.data.get("environments")))
         out = {}
@@ -319,7 +324,11 @@ class _Builder:
             env = _str(s.get("environment"))
             if env is not None and env not in declared_envs:
                 self.add(base + ("environment",),
-                         f"no environment {env!r}" + did_you_mean(env, declared_envs))
+                         f"no environment {env!r}" + (
+                             ": a default environment is not named; leave environment out "
+                             "of a no-code service to get one"
+                             if env.startswith(nocode.PREFIX) else
+                             did_you_mean(env, declared_envs)))
             refs = []
             raw_models = s.get("models")
             for i, text in enumerate(raw_models if isinstance(raw_models, list) else []):
@@ -340,12 +349,23 @@ class _Builder:
             sch = _mapping(s.get("schema"))
             sin = self.rel_path(sch.get("input"), base + ("schema", "input"), "file")
             sout = self.rel_path(sch.get("output"), base + ("schema", "output"), "file")
+            no_code_model = None
             if "entry_script" not in s:
                 frameworks = [models[r.name].framework if r.name in models else None
                               for r in refs]
-                if not (len(refs) == 1 and frameworks[0] in NO_CODE_FRAMEWORKS):
+                if len(refs) == 1 and frameworks[0] in NO_CODE_FRAMEWORKS:
+                    no_code_model = models[refs[0].name]
+                else:
                     self.add(base, "needs an entry_script, or exactly one model with framework "
                                    f"{' or '.join(NO_CODE_FRAMEWORKS)} to be served without code")
+            if "environment" not in s:
+                if no_code_model is not None:
+                    env = self.default_environment(no_code_model, envs)
+                else:
+                    self.add(base, "needs an environment: declare one under environments and "
+                                   "name it (environment: NAME); only a no-code service (no "
+                                   "entry_script, one scikit-learn or onnx model) gets a "
+                                   "default one")
             auth = s.get("auth", "none")
             cors = s.get("cors")
             if env is None:
@@ -364,6 +384,22 @@ class _Builder:
                 line=self.line(base),
             )
         return out
+
+    def default_environment(self, model: Model, envs: dict) -> str | None:
+        """The name of ``model``'s no-code default environment, added to ``envs``
+        (once: services with the same one share it); None if it cannot be made."""
+        version = model.framework_version if model.framework == "scikit-learn" else None
+        if version is not None and not _VERSION.match(version):
+            # NOTE: it becomes a pip requirement (scikit-learn==VERSION.*).
+            self.add(("models", model.name, "framework_version"),
+                     f"{version!r} is not a version like \"1.5\": the default environment "
+                     f"of a no-code service pins scikit-learn to it (write the version the "
+                     f"model was saved with, or give the service an environment)")
+            return None
+        env = nocode.default_environment(model.framework, version,
+                                         _str(self.data.get("base_image")))
+        envs.setdefault(env.name, env)
+        return env.name
 
     def targets(self, service_names: set, inputs: list[str]) -> dict[str, Target]:
         declared = _mapping(self.data.get("targets"))

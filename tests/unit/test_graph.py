@@ -175,6 +175,41 @@ def test_process_target_plan(basic):
     assert all(by_id[d].kind in ("context", "venv") for s in proc for d in s.deps)
 
 
+NO_CODE = """\
+name: demo
+models:
+  ridge: {path: models/ridge.pkl, framework: scikit-learn, framework_version: "1.5"}
+  lasso: {path: models/lasso.pkl, framework: scikit-learn}
+services:
+  a: {models: [ridge]}
+  b: {models: [lasso]}
+targets:
+  dev: {type: process, port: 8890}
+  bundle: {type: package, out: dist/package, offline: true}
+  pkg: {type: package, out: dist/pkg}
+"""
+
+
+def test_no_code_services_share_one_default_environment_step(tmp_path):
+    root = make_project(tmp_path / "nocode", NO_CODE, TWO_FILES)
+    p = load(root)
+    env = "_nocode-scikit-learn-1.5"
+    for target, shared in (("dev", ["lock", "venv"]), ("bundle", ["lock", "wheels"])):
+        steps = plan_steps(p, p.target(target))
+        for kind in shared:  # made once for both services
+            assert [s.id for s in steps if s.kind == kind] == [f"{kind}:{env}"]
+        assert len([s for s in steps if s.kind in ("process", "package")]) == 2
+    # Locked where inline environments' locks go, and in both packages.
+    out = run(root, "pkg")
+    assert statuses(out)[f"lock:{env}"] == RAN
+    lock = (root / f"locks/{env}.lock.txt").read_text()
+    assert "scikit-learn==" in lock and "joblib==" in lock
+    for svc in ("a", "b"):
+        assert (root / f"dist/pkg/{svc}/env/requirements.lock.txt").read_text() == \
+            lock.split("\n", 1)[1]
+    assert set(statuses(run(root, "pkg")).values()) == {UP_TO_DATE}
+
+
 def test_unsupported_target_is_not_cached(basic):
     p = load(basic)
     db = StateDB(basic / ".mlbuild")

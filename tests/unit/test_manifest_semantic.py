@@ -384,3 +384,100 @@ def test_error_message_lists_problems(proj: Path):
 def test_unreadable_manifest(proj: Path):
     with pytest.raises(ManifestError):
         load_project(proj / "nope.yaml")
+
+
+# -- no-code services without an environment ------------------------------------------
+
+NO_ENV = BASE.replace("    environment: sklearn\n    entry_script: src/score.py\n", "")
+
+
+def test_no_code_service_without_environment_gets_the_default_one(proj: Path):
+    (proj / "mlproject.yaml").write_text(NO_ENV)
+    p = load_project(proj / "mlproject.yaml")
+    env = p.environments["_nocode-scikit-learn-1.5"]
+    assert p.services["diabetes"].environment == env.name
+    # An inline pip environment, locked like any other; the default Python (3.11).
+    assert env.kind == "packages" and env.packages == ("scikit-learn==1.5.*", "joblib")
+    assert env.python is None and env.base_image is None
+    assert env.default_for == "scikit-learn"
+    assert list(p.environments) == ["sklearn", env.name]  # declared ones are kept
+    from mlbuild.graph.steps.lock import lock_path
+    assert lock_path(env) == "locks/_nocode-scikit-learn-1.5.lock.txt"
+
+
+def test_no_code_default_environment_honours_framework_version(proj: Path):
+    (proj / "mlproject.yaml").write_text(
+        NO_ENV.replace("framework: scikit-learn", 'framework: scikit-learn\n'
+                                                  '    framework_version: "1.4"'))
+    p = load_project(proj / "mlproject.yaml")
+    env = p.environments[p.services["diabetes"].environment]
+    assert env.name == "_nocode-scikit-learn-1.4"
+    assert env.packages == ("scikit-learn==1.4.*", "joblib")
+    # Unquoted, YAML reads 1.10 as a number: the text as written counts.
+    (proj / "mlproject.yaml").write_text(
+        NO_ENV.replace("framework: scikit-learn", "framework: scikit-learn\n"
+                                                  "    framework_version: 1.10"))
+    p = load_project(proj / "mlproject.yaml")
+    assert p.environments[p.services["diabetes"].environment].packages[0] == \
+        "scikit-learn==1.10.*"
+
+
+def test_no_code_services_share_one_default_environment(proj: Path):
+    (proj / "models/iris.onnx").write_text("x")
+    text = NO_ENV.replace("models: [ridge]\n", """models: [ridge]
+  other:
+    models: [twin]
+  iris:
+    models: [iris]
+  iris2:
+    models: [iris]
+    auth: key
+""").replace("    framework: scikit-learn\n", """    framework: scikit-learn
+    framework_version: "1.5"
+  twin: {path: models/model.pkl, framework: scikit-learn}
+  iris: {path: models/iris.onnx, framework: onnx, framework_version: "1.16"}
+""").replace("name: diabetes\n", "name: diabetes\nbase_image: python:3.11-bookworm\n")
+    (proj / "mlproject.yaml").write_text(text)
+    p = load_project(proj / "mlproject.yaml")
+    # framework_version "1.5" and none (the default, 1.5) are the same environment.
+    assert {s: p.services[s].environment for s in p.services} == {
+        "diabetes": "_nocode-scikit-learn-1.5", "other": "_nocode-scikit-learn-1.5",
+        "iris": "_nocode-onnx", "iris2": "_nocode-onnx"}
+    assert list(p.environments) == ["sklearn", "_nocode-scikit-learn-1.5", "_nocode-onnx"]
+    onnx = p.environments["_nocode-onnx"]
+    # An ONNX model's framework_version is its ONNX version, which onnxruntime reads
+    # whatever its own: it pins nothing.
+    assert onnx.packages == ("onnxruntime", "numpy") and onnx.default_for == "onnx"
+    # The project's base image serves the default environments too.
+    assert onnx.base_image == "python:3.11-bookworm"
+
+
+def test_service_without_environment_that_is_not_no_code_is_refused(proj: Path):
+    msg = ("needs an environment: declare one under environments and name it "
+           "(environment: NAME); only a no-code service (no entry_script, one scikit-learn "
+           "or onnx model) gets a default one")
+    with_script = BASE.replace("    environment: sklearn\n", "")
+    assert problems(proj, with_script) == [f"mlproject.yaml:9: services.diabetes: {msg}"]
+    not_servable = NO_ENV.replace("framework: scikit-learn", "framework: pytorch")
+    assert problems(proj, not_servable) == [
+        "mlproject.yaml:9: services.diabetes: needs an entry_script, or exactly one model "
+        "with framework scikit-learn or onnx to be served without code",
+        f"mlproject.yaml:9: services.diabetes: {msg}"]
+
+
+def test_default_environment_needs_a_version_and_cannot_be_named(proj: Path):
+    bad = NO_ENV.replace("framework: scikit-learn",
+                         "framework: scikit-learn\n    framework_version: latest")
+    assert problems(proj, bad) == [
+        "mlproject.yaml:6: models.ridge.framework_version: 'latest' is not a version like "
+        "\"1.5\": the default environment of a no-code service pins scikit-learn to it "
+        "(write the version the model was saved with, or give the service an environment)"]
+    # ... only when a service uses it.
+    (proj / "mlproject.yaml").write_text(bad.replace(
+        "  diabetes:\n", "  diabetes:\n    environment: sklearn\n"))
+    assert load_project(proj / "mlproject.yaml").services["diabetes"].environment == "sklearn"
+    named = NO_ENV.replace("  diabetes:\n", "  diabetes:\n    environment: _nocode-onnx\n")
+    assert problems(proj, named) == [
+        "mlproject.yaml:10: services.diabetes.environment: no environment '_nocode-onnx': a "
+        "default environment is not named; leave environment out of a no-code service to "
+        "get one"]

@@ -5,7 +5,8 @@
 The lock file lives beside its spec and is committed with it:
 
     envs/requirements.txt   →  envs/requirements.lock.txt
-    packages: [...]         →  locks/<env>.lock.txt    (an inline environment)
+    packages: [...]         →  locks/<env>.lock.txt    (an inline environment, and the
+                                                        default one of no-code services)
 
 It is made by ``uv pip compile --generate-hashes`` for the environment's Python
 (``python:``, default 3.11, the default base image's) on Linux, and starts with a
@@ -179,7 +180,8 @@ class LockStep(Step):
 
     def _refuse_frozen(self, env, rel: str, lock: Path):
         what = "is missing" if not lock.exists() else "does not match its spec"
-        raise StepFailed(self.id, f"{rel} {what} ({env.spec_file or 'packages'})",
+        spec = env.spec_file or ("no-code default" if env.default_for else "packages")
+        raise StepFailed(self.id, f"{rel} {what} ({spec})",
                          hint=f"run mlbuild lock {env.name} and commit {rel}")
 
     def _run_conda(self, ctx: BuildContext, env) -> dict:
@@ -231,9 +233,15 @@ class LockStep(Step):
         try:
             body = resolve(kept, python, PLATFORM, cwd, previous, upgrade)
         except ResolveError as e:
-            raise StepFailed(self.id, f"environment {env.name} does not resolve "
-                                      f"({env.requirements or 'packages'}):\n    {e}",
-                             hint="fix the requirement named above and deploy again") from None
+            shown = env.requirements or "packages"
+            hint = "fix the requirement named above and deploy again"
+            if env.default_for:  # not written by the user: say what it holds, and why
+                shown = f"no-code default: {', '.join(env.packages)}"
+            if env.default_for == "scikit-learn":
+                hint = ("set framework_version of the no-code scikit-learn models to a "
+                        "released version (or give their services an environment)")
+            raise StepFailed(self.id, f"environment {env.name} does not resolve ({shown}):"
+                                      f"\n    {e}", hint=hint) from None
         fsutil.write_atomic(lock, HEADER.format(spec=spec, python=python, platform=PLATFORM)
                             + body)
         return self._outputs(ctx, rel, lock, "upgraded" if upgrade else "locked")

@@ -1,0 +1,66 @@
+"""A no-code scikit-learn service without ``environment``, for real: its default
+environment is locked against PyPI (uv) into ``locks/``, made once into one venv for
+both services that share it, and the services answer on the process target."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import sklearn
+
+from clitools import CLI, EXAMPLES
+
+# The series of the scikit-learn that trained the model (train.py runs on this Python):
+# what framework_version is for.
+SERIES = ".".join(sklearn.__version__.split(".")[:2])
+ENV = f"_nocode-scikit-learn-{SERIES}"
+
+MANIFEST = """\
+name: nocode
+models:
+  ridge:
+    path: models/ridge.pkl
+    framework: scikit-learn
+    framework_version: "{series}"
+services:
+  ridge: {{models: [ridge]}}
+  ridge-key: {{models: [ridge], auth: key}}
+targets:
+  dev: {{type: process, port: {port}}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_code_service_without_environment_deploys_and_answers(tmp_path, trained_models):
+    proj = tmp_path / "nocode"
+    (proj / "models").mkdir(parents=True)
+    shutil.copy2(trained_models["diabetes"] / "sklearn_regression_model.pkl",
+                 proj / "models/ridge.pkl")
+    (proj / "mlproject.yaml").write_text(MANIFEST.format(series=SERIES, port=free_port()))
+    cli = CLI(proj)
+    assert f"no-code defaults: {ENV}" in cli("validate").stdout
+    try:
+        out = cli.json("deploy", timeout=600)
+        ran = [s["id"] for s in out["steps"] if s["status"] == "ran"]
+        # One lock and one venv for both services.
+        assert [i for i in ran if i.startswith(("lock:", "venv:"))] == \
+            [f"lock:{ENV}", f"venv:{ENV}"]
+        assert {"process:dev/ridge", "process:dev/ridge-key"} <= set(ran)
+        lock = (proj / f"locks/{ENV}.lock.txt").read_text()
+        assert f"scikit-learn=={SERIES}." in lock and "--hash=sha256:" in lock
+
+        sample = EXAMPLES / "diabetes/samples/input.json"
+        for service in ("ridge", "ridge-key"):  # invoke sends the key
+            preds = json.loads(cli("invoke", service, "--data", f"@{sample}").stdout)
+            assert len(preds) == 2 and all(isinstance(p, float) for p in preds)
+        assert cli.ran("deploy") == []
+    finally:
+        cli("down", "dev", check=None)
