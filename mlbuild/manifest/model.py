@@ -17,6 +17,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
+from mlbuild.kube.settings import KubeSettings
+
 EMPTY: Mapping = MappingProxyType({})
 
 
@@ -180,10 +182,15 @@ class Target:
     out: str | None = None
     offline: bool = False
     services: tuple[str, ...] | None = None  # None: every service
+    # Runtime settings (process, docker, kubernetes): None leaves the runtime's default.
+    scoring_timeout_ms: int | None = None
+    max_concurrent_requests: int | None = None
+    max_request_wait_ms: int | None = None
+    kube: KubeSettings | None = None  # kubernetes: everything else it says
     line: int | None = field(default=None, compare=False)
 
     def config(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "type": self.type,
             "port": self.port,
@@ -195,6 +202,28 @@ class Target:
             "offline": self.offline,
             "services": list(self.services) if self.services is not None else None,
         }
+        # NOTE: only when set, so that the fingerprints of targets written before these
+        # settings existed do not change.
+        for key in ("scoring_timeout_ms", "max_concurrent_requests", "max_request_wait_ms"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.kube is not None:
+            out["kube"] = self.kube.config()
+        return out
+
+    def runtime_env(self) -> dict[str, str]:
+        """The runtime's variables for this target's limits (the ones set)."""
+        timeout = self.kube.scoring_timeout_ms if self.kube else self.scoring_timeout_ms
+        cap = self.kube.max_concurrent_requests if self.kube else self.max_concurrent_requests
+        wait = self.kube.max_request_wait_ms if self.kube else self.max_request_wait_ms
+        env = {}
+        if timeout is not None:
+            env["SCORING_TIMEOUT_MS"] = str(timeout)
+        if cap is not None:
+            env["MLBUILD_MAX_CONCURRENT_REQUESTS"] = str(cap)
+        if wait is not None:
+            env["MLBUILD_MAX_REQUEST_WAIT_MS"] = str(wait)
+        return env
 
 
 # The target a project gets when it declares none: the runtime as a local process.

@@ -26,6 +26,7 @@ from types import MappingProxyType
 
 from mlbuild.errors import Problem
 from mlbuild.fsutil import resolves_outside
+from mlbuild.kube.settings import SERVICE_TYPES, Autoscale, Ingress, KubeSettings, Liveness
 from mlbuild.manifest import nocode
 from mlbuild.manifest.model import (
     EMBEDDED_DEFAULT_TARGET,
@@ -465,23 +466,121 @@ class _Builder:
                         self.add(base + ("services", i),
                                  f"no service {s!r}" + did_you_mean(s, service_names))
             replicas = self.whole(t.get("replicas"))
-            if ttype == "kubernetes" and replicas is None:
-                replicas = 1
+            kube = None
+            if ttype == "kubernetes":
+                kube = self.kube_settings(name, t, inputs, outs)
+                replicas = kube.replicas if kube is not None else replicas
+                out_dir = kube.out if kube is not None else None
             offline = t.get("offline", False)
             out[name] = Target(
                 name=name,
                 type=ttype,
                 port=port,
-                namespace=_str(t.get("namespace")),
+                namespace=kube.namespace if kube is not None else _str(t.get("namespace")),
                 replicas=replicas,
                 cpu=self.number(t.get("cpu"), base + ("cpu",)),
                 memory_gb=self.number(t.get("memory_gb"), base + ("memory_gb",)),
                 out=out_dir,
                 offline=offline if isinstance(offline, bool) else False,
                 services=services,
+                scoring_timeout_ms=self.whole(t.get("scoring_timeout_ms")),
+                max_concurrent_requests=self.whole(t.get("max_concurrent_requests")),
+                max_request_wait_ms=self.whole(t.get("max_request_wait_ms")),
+                kube=kube,
                 line=self.line(base),
             )
         return out
+
+    def kube_settings(self, name: str, t: dict, inputs: list[str],
+                      outs: dict[str, str]) -> KubeSettings | None:
+        """A kubernetes target's settings, every problem reported (the schema has
+        checked types and ranges; these are the rules between keys)."""
+        base = ("targets", name)
+        # NOTE: the registry a cluster pulls from is checked when the target is planned,
+        # not here: a kubernetes target declared for later must not stop `deploy dev`.
+        ok = True
+        replicas = self.whole(t.get("replicas"))
+        raw_auto = t.get("autoscale")
+        autoscale = None
+        if isinstance(raw_auto, dict):
+            if replicas is not None:
+                self.add(base + ("autoscale",), "replicas and autoscale exclude each other: "
+                                                "keep replicas for a fixed count, autoscale "
+                                                "for an HPA")
+                ok = False
+            defaults = Autoscale()
+            low = self.whole(raw_auto.get("min")) or defaults.min
+            high = self.whole(raw_auto.get("max")) or defaults.max
+            if low > high:
+                self.add(base + ("autoscale", "min"), f"min {low} is above max {high}")
+                ok = False
+            autoscale = Autoscale(min=low, max=high, target_cpu_percent=self.whole(
+                raw_auto.get("target_cpu_percent")) or defaults.target_cpu_percent)
+        defaults = KubeSettings()
+        cpu = self.number(t.get("cpu"), base + ("cpu",)) or defaults.cpu
+        memory = self.number(t.get("memory_gb"), base + ("memory_gb",)) or defaults.memory_gb
+        cpu_limit = self.number(t.get("cpu_limit"), base + ("cpu_limit",))
+        memory_limit = self.number(t.get("memory_gb_limit"), base + ("memory_gb_limit",))
+        if cpu_limit is not None and cpu_limit < cpu:
+            self.add(base + ("cpu_limit",), f"{cpu_limit:g} is below the request cpu {cpu:g}: "
+                                            "a limit must be at least its request")
+            ok = False
+        if memory_limit is not None and memory_limit < memory:
+            self.add(base + ("memory_gb_limit",), f"{memory_limit:g} is below the request "
+                                                  f"memory_gb {memory:g}: a limit must be at "
+                                                  "least its request")
+            ok = False
+        raw_live = _mapping(t.get("liveness"))
+        live = Liveness(**{k: v for k in ("period_s", "initial_delay_s", "timeout_s",
+                                          "failure_threshold", "success_threshold")
+                           if (v := self.whole(raw_live.get(k))) is not None})
+        raw_ingress = t.get("ingress")
+        ingress = None
+        if isinstance(raw_ingress, dict) and _str(raw_ingress.get("host")):
+            ingress = Ingress(host=raw_ingress["host"], class_name=_str(raw_ingress.get("class")),
+                              tls_secret=_str(raw_ingress.get("tls_secret")))
+        written = t.get("out", f"dist/{name}")
+        out_dir = self.rel_path(written, base + ("out",), None)
+        if out_dir == ".":
+            self.add(base + ("out",), "must be a folder below the project folder, not the "
+                                      "project folder itself")
+            ok = False
+        elif out_dir is not None and (why := _out_overlaps(out_dir, inputs)):
+            self.add(base + ("out",), why)
+            ok = False
+        elif out_dir is not None and out_dir in outs:
+            self.add(base + ("out",), f"{out_dir!r} is already the out folder of target "
+                                      f"{outs[out_dir]!r}")
+            ok = False
+        elif out_dir is not None:
+            outs[out_dir] = name
+        apply = t.get("apply", True)
+        if not ok or out_dir is None:
+            return None
+        port = self.whole(t.get("port"))
+        timeout = self.whole(t.get("scoring_timeout_ms"))
+        wait = self.whole(t.get("max_request_wait_ms"))
+        return KubeSettings(
+            namespace=_str(t.get("namespace")) or defaults.namespace,
+            context=_str(t.get("context")),
+            port=port if port is not None and 1 <= port <= 65535 else defaults.port,
+            replicas=None if autoscale is not None else (replicas or 1),
+            autoscale=autoscale,
+            cpu=cpu, memory_gb=memory, cpu_limit=cpu_limit, memory_gb_limit=memory_limit,
+            gpu=self.whole(t.get("gpu")),
+            scoring_timeout_ms=timeout if timeout is not None else defaults.scoring_timeout_ms,
+            max_concurrent_requests=self.whole(t.get("max_concurrent_requests")),
+            max_request_wait_ms=wait if wait is not None else defaults.max_request_wait_ms,
+            liveness=live,
+            progress_deadline_s=self.whole(t.get("progress_deadline_s"))
+            or defaults.progress_deadline_s,
+            service_type=t.get("service_type") if t.get("service_type") in SERVICE_TYPES
+            else defaults.service_type,
+            ingress=ingress,
+            apply=apply if isinstance(apply, bool) else True,
+            out=out_dir,
+            image_pull_secret=_str(t.get("image_pull_secret")),
+        )
 
     def default_target(self, targets: dict) -> str | None:
         if "default_target" in self.data:

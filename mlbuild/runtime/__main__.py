@@ -138,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     azml.export_after_options(os.environ, port=options.port,
                               health_port=options.health_port, workers=options.workers)
-    azml.write(azml.banner(os.environ, version=__version__, host=options.host,
-                           port=options.port, health_port=options.health_port,
-                           cors=config.cors_origins, timeout=config.request_timeout))
-    if notes:
-        azml.write("\n".join(notes) + "\n\n")
+    if options.log_level in ("debug", "info"):  # --log-level warning: quiet
+        azml.write(azml.banner(os.environ, version=__version__, host=options.host,
+                               port=options.port, health_port=options.health_port,
+                               cors=config.cors_origins, timeout=config.request_timeout))
+        if notes:
+            azml.write("\n".join(notes) + "\n\n")
     try:
         logformat.setup(options.log_level, config.app_root, config.entry_script)
     except ValueError as exc:

@@ -2,16 +2,21 @@
 
 Routes::
 
-    GET  /                 200 "Healthy" (liveness, as the Azure ML server answers)
-    GET  /healthz/live     200 always
-    GET  /healthz/ready    200 once init() returned, 503 before
+    GET  /                 200 "Healthy" (as the Azure ML server answers)
+    GET  /healthz/live     200 always, at once (also while init() runs)
+    GET  /healthz/ready    200 once init() returned, 503 before, at once
     POST /score            run(); errors as {"status_code": N, "message": "..."}
+    GET  /score            run() with the query's arguments (as azmlinfsrv)
     GET  /swagger.json     Swagger 2.0; ?version=3 (or 3.0) OpenAPI 3.0, ?version=3.1 3.1
-    GET  /metrics          Prometheus text
+    GET  /metrics          Prometheus text, at once
     OPTIONS *              CORS preflight
 
-Order of checks on /score: method (405) -> key (401) -> ready (503) -> size (413) ->
-media type (415) -> JSON (400) -> run() (500 when it raises or times out).
+Every route but the three "at once" is held until init() returned (ScoringApp.
+_until_ready), as azmlinfsrv answers nothing before its worker loaded the script.
+
+Order of checks on /score: held until ready (503 past MLBUILD_START_HOLD) -> method
+(405) -> key (401) -> size (413) -> media type (415) -> JSON (400) -> run() (500 when it
+raises or times out).
 
 Headers, as azmlinfsrv sets them: every response carries ``x-request-id`` (the client's,
 else a new uuid4; longer than 100 characters is a 431) and ``x-ms-request-id`` (the
@@ -395,7 +400,11 @@ class ScoringApp:
         self._max_body = config.max_body_bytes
         self._timeout = config.request_timeout
         self._runner = (RunThread() if config.dispatch == "thread" or self._timeout
-                        else None)
+                        or config.max_concurrent_requests else None)
+        # max_concurrent_requests: admission to /score (see _score_limited).
+        self._slots = (asyncio.Semaphore(config.max_concurrent_requests)
+                       if config.max_concurrent_requests else None)
+        self._slot_wait = config.max_request_wait_ms / 1000.0
         self._start_lock = threading.Lock()
         self._loader_thread: threading.Thread | None = None
         self._docs: dict[str, bytes] = {}
@@ -580,7 +589,8 @@ class ScoringApp:
                 return
             if path == "/score":
                 if method == "POST" or method == "GET":
-                    status = await self._score(scope, receive, send, headers, auth, ctype, clen)
+                    score = self._score if self._slots is None else self._score_limited
+                    status = await score(scope, receive, send, headers, auth, ctype, clen)
                     return
                 if method == "OPTIONS":
                     status = await self._options(send, headers, origin, cors_ok, req_headers)
@@ -745,6 +755,27 @@ class ScoringApp:
         else:
             arg = _aml_request(scope, body)
         return await self._call_run(send, headers, scorer, scope, arg, kwargs)
+
+    async def _score_limited(self, scope, receive, send, headers, auth, ctype, clen) -> int:
+        """``_score`` behind max_concurrent_requests: past the cap a request waits up to
+        max_request_wait_ms for a slot, then gets 503 (as AKS v1's front end answered)."""
+        slots = self._slots
+        if slots.locked():
+            try:
+                await asyncio.wait_for(slots.acquire(), self._slot_wait)
+            except asyncio.TimeoutError:
+                headers.append((b"retry-after", b"1"))
+                await _respond(send, 503, _error(503, (
+                    f"too many requests: {self.config.max_concurrent_requests} are being "
+                    f"scored and none finished within {self.config.max_request_wait_ms} ms "
+                    "(max_concurrent_requests, max_request_wait_ms)")), JSON, headers)
+                return 503
+        else:
+            await slots.acquire()
+        try:
+            return await self._score(scope, receive, send, headers, auth, ctype, clen)
+        finally:
+            slots.release()
 
     async def _score_get(self, scope, send, headers, scorer) -> int:
         """``GET /score?a=1&b=[1,2]``: the arguments, each parsed as JSON where it is JSON

@@ -14,6 +14,7 @@ DEFAULT_HEALTH_PORT = 5000  # azmlinfsrv's, with SEPERATE_HEALTH_ENDPOINT=true
 DEFAULT_GRACEFUL_TIMEOUT = 30.0  # seconds; Kubernetes' default grace period
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DISPATCH_MODES = ("inline", "thread")
+DEFAULT_MAX_REQUEST_WAIT_MS = 500
 DEFAULT_START_HOLD = 300.0  # seconds a request may wait for init() to return
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_LEVEL_ALIASES = {"warn": "warning", "critical": "error", "fatal": "error"}
@@ -37,6 +38,20 @@ def _number(env, name: str, kind=float):
         return kind(value)
     except ValueError:
         raise ValueError(f"{name}={value!r}: expected a number") from None
+
+
+def _positive(env, name: str) -> int | None:
+    value = _number(env, name, int)
+    if value is not None and value < 1:
+        raise ValueError(f"{name}={value}: give 1 or more (unset for no cap)")
+    return value
+
+
+def _wait_ms(env) -> int:
+    value = _number(env, "MLBUILD_MAX_REQUEST_WAIT_MS", int)
+    if value is not None and value < 0:
+        raise ValueError(f"MLBUILD_MAX_REQUEST_WAIT_MS={value}: give 0 or more")
+    return DEFAULT_MAX_REQUEST_WAIT_MS if value is None else value
 
 
 def _start_hold(env) -> float:
@@ -89,6 +104,12 @@ class RuntimeConfig:
             before it gets 503 (``MLBUILD_START_HOLD``).
         source_dir: azmlinfsrv's ``AZUREML_SOURCE_DIRECTORY``: ``app_root/source_dir`` is
             put on ``sys.path``.
+        max_concurrent_requests: /score requests admitted at once (being scored or queued
+            for the run thread); None for no cap (AKS v1's
+            ``replica_max_concurrent_requests``). With a cap, a sync run() runs in the run
+            thread, so the event loop stays free to turn the excess away.
+        max_request_wait_ms: How long a request past the cap waits for a free slot
+            before 503 (AKS v1's ``max_request_wait_time``).
     """
 
     entry_script: str | None = None
@@ -110,6 +131,8 @@ class RuntimeConfig:
     show_errors: bool = False
     start_hold: float = DEFAULT_START_HOLD
     source_dir: str | None = None
+    max_concurrent_requests: int | None = None
+    max_request_wait_ms: int = DEFAULT_MAX_REQUEST_WAIT_MS
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -153,6 +176,8 @@ class RuntimeConfig:
             show_errors=_bool(env.get("MLBUILD_SHOW_ERRORS"), False),
             start_hold=_start_hold(env),
             source_dir=env.get("AZUREML_SOURCE_DIRECTORY") or None,
+            max_concurrent_requests=_positive(env, "MLBUILD_MAX_CONCURRENT_REQUESTS"),
+            max_request_wait_ms=_wait_ms(env),
         )
 
     def with_overrides(self, **changes) -> RuntimeConfig:

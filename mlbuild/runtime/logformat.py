@@ -79,6 +79,9 @@ def setup(level: str, app_root: str | None = None, entry_script: str | None = No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # A script's prints are its output, not the server's chatter: shown at any level
+    # (a logging.json may still say otherwise).
+    logging.getLogger(PRINT_LOGGER).setLevel(logging.INFO)
     loaded = None
     folders = [app_root]
     if entry_script:

@@ -514,3 +514,42 @@ def test_no_timeout_by_default_keeps_inline_dispatch(start_server, tmp_path):
     server = start_server(["--entry-script", str(write_script(tmp_path, ECHO_SCRIPT))])
     assert "dispatch=inline, timeout=none" in server.output()
     assert server.post(body="x").status == 200
+
+
+# -- max_concurrent_requests / max_request_wait_ms (AKS v1's replica settings) ------------
+SLOW_RUN_SCRIPT = """
+    import time
+
+    def init():
+        pass
+
+    def run(raw_data):
+        time.sleep(float(raw_data))
+        return "done"
+"""
+
+
+def test_requests_past_the_cap_wait_for_a_slot_then_get_503(start_server, tmp_path):
+    import concurrent.futures
+
+    server = start_server(["--entry-script", str(write_script(tmp_path, SLOW_RUN_SCRIPT))],
+                          env={"MLBUILD_MAX_CONCURRENT_REQUESTS": "1",
+                               "MLBUILD_MAX_REQUEST_WAIT_MS": "300"})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(server.post, body="1.5")
+        time.sleep(0.3)  # the slow one holds the only slot
+        started = time.monotonic()
+        turned_away = server.post(body="0")
+        waited = time.monotonic() - started
+        assert turned_away.status == 503, turned_away.body
+        assert "max_concurrent_requests" in turned_away.json()["message"]
+        assert 0.25 < waited < 1.2  # it waited max_request_wait_ms, not for the slow one
+        # Health checks still answer while the slot is taken (run() is off the loop).
+        assert server.get("/healthz/live").status == 200
+        assert slow.result().json() == "done"
+    # A request that finds a slot within the wait is served.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(server.post, body="0.1")
+        time.sleep(0.02)
+        second = server.post(body="0")
+        assert (first.result().status, second.status) == (200, 200)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlbuild.errors import InvalidInput, ManifestError
+from mlbuild.kube.settings import KubeSettings
 from mlbuild.manifest import (
     MANIFEST_NAMES,
     find_manifest,
@@ -232,8 +233,10 @@ def test_design_example_loads(proj: Path):
     assert svc.line == 20
     assert p.targets["dev"] == Target("dev", "process", port=8890)
     assert p.targets["local"] == Target("local", "docker", port=6789)
-    assert p.targets["staging"] == Target("staging", "kubernetes", namespace="ml", replicas=2,
-                                          cpu=1.0, memory_gb=1.0)
+    assert p.targets["staging"] == Target(
+        "staging", "kubernetes", namespace="ml", replicas=2, cpu=1.0, memory_gb=1.0,
+        out="dist/staging", kube=KubeSettings(namespace="ml", replicas=2, cpu=1.0,
+                                              memory_gb=1.0, out="dist/staging"))
     assert p.targets["bundle"] == Target("bundle", "package", out="dist/package", offline=True)
     assert list(p.targets) == ["dev", "local", "staging", "bundle"]
     assert p.default_target == "dev"

@@ -481,3 +481,93 @@ def test_default_environment_needs_a_version_and_cannot_be_named(proj: Path):
         "mlproject.yaml:10: services.diabetes.environment: no environment '_nocode-onnx': a "
         "default environment is not named; leave environment out of a no-code service to "
         "get one"]
+
+
+# -- kubernetes targets ----------------------------------------------------------------
+def test_kubernetes_target_rules_all_at_once(proj: Path):
+    text = BASE + """\
+  k8s:
+    type: kubernetes
+    replicas: 2
+    autoscale: {min: 5, max: 3}
+    cpu: 2
+    cpu_limit: 1
+    memory_gb: 4
+    memory_gb_limit: 2
+"""
+    assert problems(proj, text) == [
+        "mlproject.yaml:18: targets.k8s.autoscale: replicas and autoscale exclude each "
+        "other: keep replicas for a fixed count, autoscale for an HPA",
+        "mlproject.yaml:18: targets.k8s.autoscale.min: min 5 is above max 3",
+        "mlproject.yaml:20: targets.k8s.cpu_limit: 1 is below the request cpu 2: a limit "
+        "must be at least its request",
+        "mlproject.yaml:22: targets.k8s.memory_gb_limit: 2 is below the request memory_gb 4: "
+        "a limit must be at least its request",
+    ]
+
+
+def test_kubernetes_keys_are_checked_by_the_schema(proj: Path):
+    msgs = problems(proj, BASE + """\
+  k8s: {type: kubernetes, service_type: Loadbalancer, liveness: {success_threshold: 2}}
+""")
+    assert any("targets.k8s.service_type" in m and "LoadBalancer" in m for m in msgs), msgs
+    assert any("targets.k8s.liveness.success_threshold" in m for m in msgs), msgs
+    # Keys of other types are refused on a process target; the runtime limits are not.
+    msgs = problems(proj, BASE.replace("dev: {type: process, port: 8890}",
+                                       "dev: {type: process, port: 8890, replicas: 2}"))
+    assert any("targets.dev" in m and "replicas" in m for m in msgs), msgs
+
+
+def test_kubernetes_settings_defaults_and_values(proj: Path):
+    from mlbuild.kube.settings import Autoscale, Ingress, KubeSettings, Liveness
+
+    (proj / "mlproject.yaml").write_text(BASE + """\
+  k8s: {type: kubernetes}
+  prod:
+    type: kubernetes
+    context: aks-prod
+    namespace: ml
+    port: 8080
+    autoscale: {max: 4}
+    cpu: 1
+    cpu_limit: 2
+    memory_gb: 2
+    gpu: 1
+    scoring_timeout_ms: 5000
+    max_concurrent_requests: 4
+    max_request_wait_ms: 100
+    liveness: {initial_delay_s: 30}
+    progress_deadline_s: 120
+    service_type: LoadBalancer
+    ingress: {host: ml.example.com, class: nginx, tls_secret: ml-tls}
+    apply: false
+    out: deploy/prod
+    image_pull_secret: regcred
+""")
+    p = load_project(proj / "mlproject.yaml")
+    assert p.targets["k8s"].kube == KubeSettings(out="dist/k8s")
+    prod = p.targets["prod"].kube
+    assert prod == KubeSettings(
+        namespace="ml", context="aks-prod", port=8080, replicas=None,
+        autoscale=Autoscale(min=1, max=4, target_cpu_percent=70), cpu=1.0, memory_gb=2.0,
+        cpu_limit=2.0, gpu=1, scoring_timeout_ms=5000, max_concurrent_requests=4,
+        max_request_wait_ms=100, liveness=Liveness(initial_delay_s=30), progress_deadline_s=120,
+        service_type="LoadBalancer", ingress=Ingress("ml.example.com", "nginx", "ml-tls"),
+        apply=False, out="deploy/prod", image_pull_secret="regcred")
+    assert p.targets["prod"].runtime_env() == {
+        "SCORING_TIMEOUT_MS": "5000", "MLBUILD_MAX_CONCURRENT_REQUESTS": "4",
+        "MLBUILD_MAX_REQUEST_WAIT_MS": "100"}
+    assert p.targets["k8s"].runtime_env() == {"SCORING_TIMEOUT_MS": "60000",
+                                              "MLBUILD_MAX_REQUEST_WAIT_MS": "500"}
+
+
+def test_runtime_limits_on_process_and_docker_targets(proj: Path):
+    (proj / "mlproject.yaml").write_text(BASE.replace(
+        "dev: {type: process, port: 8890}",
+        "dev: {type: process, port: 8890, scoring_timeout_ms: 2000}\n"
+        "  local: {type: docker, port: 6789, max_concurrent_requests: 2}"))
+    p = load_project(proj / "mlproject.yaml")
+    assert p.targets["dev"].runtime_env() == {"SCORING_TIMEOUT_MS": "2000"}
+    assert p.targets["local"].runtime_env() == {"MLBUILD_MAX_CONCURRENT_REQUESTS": "2"}
+    # Unset, nothing enters the config: existing targets keep their fingerprints.
+    assert "scoring_timeout_ms" not in p.targets["local"].config()

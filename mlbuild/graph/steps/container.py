@@ -144,7 +144,8 @@ class ContainerStep(RunningServiceStep):
         labels = {LABEL_FINGERPRINT: fingerprint, "dev.mlbuild.project": project.name,
                   "dev.mlbuild.service": s.name, "dev.mlbuild.target": target.name}
         env = {"MLBUILD_MODEL_DIR": context["env"]["MLBUILD_MODEL_DIR"],
-               "AZUREML_MODEL_DIR": context["env"]["MLBUILD_MODEL_DIR"]}
+               "AZUREML_MODEL_DIR": context["env"]["MLBUILD_MODEL_DIR"],
+               **target.runtime_env()}
         mounts = {}
         if s.auth == "key":
             kf = keys_file(ctx.state_dir, target.name, s.name)

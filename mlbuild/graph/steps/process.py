@@ -181,6 +181,7 @@ class ProcessStep(RunningServiceStep):
         roots = {MODEL_ROOT: release / "models", APP_ROOT: release / "app",
                  _SAMPLES_ROOT: release / "samples"}
         env.update({k: map_image_path(v, roots) for k, v in context["env"].items()})
+        env.update(target.runtime_env())
         env.update(PYTHONPATH=str(release / "runtime"), PYTHONUNBUFFERED="1",
                    PYTHONDONTWRITEBYTECODE="1", MLBUILD_REUSE_PORT="1",
                    MLBUILD_READY_FILE=str(release / proc.READY_FILE))
