@@ -52,6 +52,25 @@ def _text(value) -> str:
     return str(value)
 
 
+_FAILED = object()
+
+
+def _converted(value, type, default):  # noqa: A002 - werkzeug's name
+    """``type(value)``, or ``default`` when it does not convert (werkzeug's ``get``)."""
+    if type is None:
+        return value
+    try:
+        return type(value)
+    except (ValueError, TypeError):
+        return default
+
+
+def _all_converted(values, type) -> list:  # noqa: A002
+    """The values that convert, converted (werkzeug's ``getlist``)."""
+    out = [_converted(v, type, _FAILED) for v in values]
+    return [v for v in out if v is not _FAILED]
+
+
 class Headers:
     """werkzeug's ``Headers``, for what scripts do with request and response headers.
 
@@ -101,25 +120,11 @@ class Headers:
             value = self[key]
         except KeyError:
             return default
-        if type is None:
-            return value
-        try:
-            return type(value)
-        except (ValueError, TypeError):
-            return default
+        return _converted(value, type, default)
 
     def getlist(self, key, type=None):  # noqa: A002
         lower = key.lower()
-        out = []
-        for name, value in self._list:
-            if name.lower() == lower:
-                if type is not None:
-                    try:
-                        value = type(value)
-                    except (ValueError, TypeError):
-                        continue
-                out.append(value)
-        return out
+        return _all_converted([v for k, v in self._list if k.lower() == lower], type)
 
     get_all = getlist
 
@@ -274,25 +279,10 @@ class MultiDict(dict):
     def get(self, key, default=None, type=None):  # noqa: A002 - werkzeug's signature
         if key not in self:
             return default
-        value = self[key]
-        if type is None:
-            return value
-        try:
-            return type(value)
-        except (ValueError, TypeError):
-            return default
+        return _converted(self[key], type, default)
 
     def getlist(self, key, type=None):  # noqa: A002
-        values = list(self._lists.get(key, []))
-        if type is None:
-            return values
-        out = []
-        for value in values:
-            try:
-                out.append(type(value))
-            except (ValueError, TypeError):
-                pass
-        return out
+        return _all_converted(self._lists.get(key, []), type)
 
     def lists(self):
         return [(k, list(v)) for k, v in self._lists.items()]
