@@ -1,0 +1,342 @@
+"""The Kubernetes objects of a kubernetes target, rendered from ``templates/kubernetes/``.
+
+Per service, in apply order (Helm's install order)::
+
+    PodDisruptionBudget  <project>-<service>   replicas >= 2, or autoscale.min >= 2
+    Service              <project>-<service>   the scoring port only
+    Deployment           <project>-<service>   image pinned by digest, probes, non-root
+    HorizontalPodAutoscaler                    with autoscale (autoscaling/v2, CPU)
+    Ingress                                    with ingress: host/<service> (Prefix)
+
+The Secret with a service's keys is never rendered into files: the Deployment mounts it
+by name, the deploy step applies :func:`secret_object` beside the files, and
+``mlbuild keys --secret`` prints the same object for a GitOps flow.
+
+The templates go through mlbuild's one renderer (:mod:`mlbuild.render`: sandboxed Jinja,
+StrictUndefined; the environment keeps the compiled templates). This module computes the
+values (names, labels, quantities, probe numbers) and the templates lay out the YAML,
+quoting every value with ``tojson``.
+
+Choices the settings leave open, and why:
+
+- The fingerprint annotation (``mlbuild.dev/fingerprint``) is on every object's metadata
+  but not on the pod template: a change of, say, the HPA's maximum changes the
+  fingerprint and must not restart every pod. A change the pods see (image, env,
+  resources, probes) changes the pod template by itself.
+- With ``autoscale`` the Deployment has no ``replicas``: a server-side apply of a
+  ``replicas`` would take the count back from the HPA on every deploy.
+- Probes all go to the health port (``HEALTH_PORT``), which answers from the first
+  moment, also while ``init()`` runs. The startupProbe on ``/healthz/ready`` allows
+  ``progress_deadline_s`` for ``init()`` (a model may take minutes to load; a pod not
+  ready by then fails the rollout anyway); until it succeeds the other probes are off,
+  so the liveness probe's ``initial_delay_s`` is not needed to cover start-up: the
+  setting is passed through as written (Azure's default 310 only postpones the first
+  liveness check; 0 is safe here).
+- Requests are the larger of the target's ``cpu``/``memory_gb`` and the models'
+  ``resources`` hint (a profiled model is not starved by the target's small default).
+  The memory limit is ``memory_gb_limit``, else the request (a replica that grows past
+  what it asked for is restarted rather than starving its node's neighbours); there is no
+  CPU limit unless ``cpu_limit`` says so (CPU is compressible: a limit only throttles).
+- ``MLBUILD_AUTH`` is set (to ``key``) only with a Secret: a Deployment never says
+  ``none``, so an image built with ``auth: key`` fails closed if rendered without one.
+- Pods run as the image's user (uid ``RUN_AS_UID``) with a read-only root file system,
+  an emptyDir at ``/tmp``, no privilege escalation, no capabilities, the RuntimeDefault
+  seccomp profile (Pod Security "restricted"), no service account token, no service
+  links.
+- The Ingress (one per service, so that several services share the target's host)
+  routes ``host/<service>`` (pathType Prefix) to the Service. Kubernetes' Ingress has no
+  portable rewrite, so the path reaches the runtime with its ``/<service>`` prefix.
+  NOTE: the runtime answers ``/score`` at the root only, so it has to learn to strip
+  that prefix before an Ingress route works; no controller-specific rewrite annotation
+  is rendered.
+- Quantities: CPU in millicores unless whole (``100m``, ``2``), memory in MiB (``512Mi``),
+  as the docker target counts it.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import yaml
+
+from mlbuild.kube.settings import CONTAINER_PORT, GRACEFUL_STOP_S, HEALTH_PORT, KubeSettings
+from mlbuild.render import render
+
+# The oldest and the newest Kubernetes version every rendered object is validated
+# against (kubernetes-validate --strict, in tests/unit/test_kube_render.py).
+SUPPORTED_KUBERNETES = ("1.28", "1.37")
+
+RUN_AS_UID = 10001  # the user mlbuild of templates/Dockerfile.j2
+MANAGED_BY = "mlbuild"
+FINGERPRINT_ANNOTATION = "mlbuild.dev/fingerprint"
+KEYS_DIR = "/run/secrets/mlbuild"  # where the Secret is mounted
+KEYS_FILE = f"{KEYS_DIR}/keys"  # MLBUILD_AUTH_KEYS_FILE: one key per line
+STARTUP_PERIOD_S = 5
+READINESS_PERIOD_S = 5
+READINESS_FAILURE_THRESHOLD = 3
+PROBE_TIMEOUT_S = 2
+
+# (file suffix, template), in apply order.
+_KINDS = (
+    ("pdb", "kubernetes/pdb.yaml.j2"),
+    ("service", "kubernetes/service.yaml.j2"),
+    ("deployment", "kubernetes/deployment.yaml.j2"),
+    ("hpa", "kubernetes/hpa.yaml.j2"),
+    ("ingress", "kubernetes/ingress.yaml.j2"),
+)
+KUSTOMIZATION = "kubernetes/kustomization.yaml.j2"
+# Every template a render reads: their digests belong in the deploy step's fingerprint.
+TEMPLATES = ("kubernetes/_macros.j2", *(t for _, t in _KINDS), KUSTOMIZATION)
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_PINNED = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
+
+try:  # libyaml is ~10x faster than the pure-Python parser
+    _Loader = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - PyYAML built without libyaml
+    _Loader = yaml.SafeLoader
+
+
+@dataclass(frozen=True)
+class ServiceInput:
+    """What :func:`render_target` needs of one service (see :func:`render_service`)."""
+
+    name: str
+    image: str
+    fingerprint: str
+    auth: str = "none"
+    auth_secret: str | None = None
+    cors: tuple[str, ...] = ()
+    resources: object | None = None
+
+
+def object_name(project: str, service: str) -> str:
+    """The name of a service's objects: ``<project>-<service>``."""
+    return f"{project}-{service}"
+
+
+def secret_name(project: str, service: str) -> str:
+    """The name of the Secret holding a service's keys."""
+    return f"{object_name(project, service)}-keys"
+
+
+def labels(project: str, service: str) -> dict[str, str]:
+    """The ``app.kubernetes.io/*`` labels of every object of a service."""
+    return {
+        "app.kubernetes.io/name": service,
+        "app.kubernetes.io/instance": object_name(project, service),
+        "app.kubernetes.io/part-of": project,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def selector(project: str, service: str) -> dict[str, str]:
+    """The labels that select a service's pods (a Deployment's selector is immutable,
+    so only the two that never change)."""
+    return {"app.kubernetes.io/name": service,
+            "app.kubernetes.io/instance": object_name(project, service)}
+
+
+def cpu_quantity(cores: float) -> str:
+    """``0.1`` -> ``100m``, ``2`` -> ``2``."""
+    milli = max(1, round(cores * 1000))
+    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+
+
+def memory_quantity(gb: float) -> str:
+    """``0.5`` -> ``512Mi`` (GB counted as GiB, as the docker target does)."""
+    return f"{max(1, math.ceil(gb * 1024))}Mi"
+
+
+def resources_hint(models: Iterable) -> object | None:
+    """The resources hint of a service: the sum over its models' ``resources`` (each
+    model is loaded by every replica), or None when no model has one.
+
+    Args:
+        models: objects with a ``resources`` attribute (manifest ``Model``s).
+    """
+    from mlbuild.manifest.model import Resources
+
+    hints = [m.resources for m in models if getattr(m, "resources", None) is not None]
+    if not hints:
+        return None
+    cpus = [h.cpu for h in hints if h.cpu is not None]
+    mems = [h.memory_gb for h in hints if h.memory_gb is not None]
+    return Resources(cpu=sum(cpus) if cpus else None, memory_gb=sum(mems) if mems else None)
+
+
+def _resources(settings: KubeSettings, hint) -> tuple[dict, dict]:
+    cpu = max(settings.cpu, getattr(hint, "cpu", None) or 0)
+    memory = max(settings.memory_gb, getattr(hint, "memory_gb", None) or 0)
+    requests = {"cpu": cpu_quantity(cpu), "memory": memory_quantity(memory)}
+    limits = {"memory": memory_quantity(max(settings.memory_gb_limit or memory, memory))}
+    if settings.cpu_limit is not None:
+        limits["cpu"] = cpu_quantity(max(settings.cpu_limit, cpu))
+    if settings.gpu:
+        limits["nvidia.com/gpu"] = str(settings.gpu)
+    return requests, limits
+
+
+def _check(project: str, service: str, image: str, auth: str, auth_secret) -> None:
+    name = object_name(project, service)
+    if not _DNS_LABEL.match(name) or not _DNS_LABEL.match(service):
+        raise ValueError(f"{name!r}: object names must be DNS labels (a-z, 0-9, '-', "
+                         "starting with a letter, at most 63 characters)")
+    if not _PINNED.match(image):
+        raise ValueError(f"image {image!r} is not pinned by digest "
+                         "(expected REPOSITORY@sha256:<64 hex digits>)")
+    if auth not in ("none", "key"):
+        raise ValueError(f"auth {auth!r}: expected none or key")
+    if auth == "none" and auth_secret is not None:
+        raise ValueError("auth_secret given for a service with auth: none")
+
+
+def _documents(project: str, service: str, image: str, fingerprint: str,
+               settings: KubeSettings, *, auth: str = "none", auth_secret: str | None = None,
+               cors: tuple[str, ...] = (), resources=None) -> list[tuple[str, str]]:
+    """(kind suffix, YAML text) of each object of a service, in apply order."""
+    _check(project, service, image, auth, auth_secret)
+    if auth == "key" and auth_secret is None:
+        auth_secret = secret_name(project, service)
+    requests, limits = _resources(settings, resources)
+    autoscale = settings.autoscale
+    replicas = None if autoscale is not None else (settings.replicas or 1)
+    lowest = autoscale.min if autoscale is not None else replicas
+    values = dict(
+        project=project,
+        service=service,
+        name=object_name(project, service),
+        namespace=settings.namespace,
+        labels=labels(project, service),
+        selector=selector(project, service),
+        fingerprint=fingerprint,
+        image=image,
+        replicas=replicas,
+        autoscale=autoscale,
+        progress_deadline_s=settings.progress_deadline_s,
+        graceful_stop_s=GRACEFUL_STOP_S,
+        termination_grace_s=GRACEFUL_STOP_S + 5,
+        uid=RUN_AS_UID,
+        image_pull_secret=settings.image_pull_secret,
+        container_port=CONTAINER_PORT,
+        health_port=HEALTH_PORT,
+        service_port=settings.port,
+        service_type=settings.service_type,
+        scoring_timeout_ms=settings.scoring_timeout_ms,
+        max_concurrent_requests=settings.max_concurrent_requests,
+        max_request_wait_ms=settings.max_request_wait_ms,
+        cors=tuple(cors),
+        auth_secret=auth_secret,
+        keys_dir=KEYS_DIR,
+        keys_file=KEYS_FILE,
+        startup_period_s=STARTUP_PERIOD_S,
+        startup_failure_threshold=max(1, math.ceil(settings.progress_deadline_s
+                                                   / STARTUP_PERIOD_S)),
+        readiness_period_s=READINESS_PERIOD_S,
+        readiness_failure_threshold=READINESS_FAILURE_THRESHOLD,
+        probe_timeout_s=PROBE_TIMEOUT_S,
+        liveness=settings.liveness,
+        requests=requests,
+        limits=limits,
+        ingress=settings.ingress,
+        ingress_path=f"/{service}",
+    )
+    wanted = {
+        "pdb": lowest >= 2,
+        "service": True,
+        "deployment": True,
+        "hpa": autoscale is not None,
+        "ingress": settings.ingress is not None,
+    }
+    return [(kind, render(template, **values)) for kind, template in _KINDS if wanted[kind]]
+
+
+def render_service(project: str, service: str, image: str, fingerprint: str,
+                   settings: KubeSettings, *, auth: str = "none",
+                   auth_secret: str | None = None, cors: tuple[str, ...] = (),
+                   resources=None) -> list[dict]:
+    """The Kubernetes objects of one service, in apply order.
+
+    Args:
+        project: the project's name.
+        service: the service's name.
+        image: the image pinned by digest, ``registry/project-service@sha256:<hex>``.
+        fingerprint: the deploy step's fingerprint (the ``mlbuild.dev/fingerprint``
+            annotation).
+        settings: the target's settings.
+        auth: ``none`` or ``key``.
+        auth_secret: the Secret with the keys (auth: key); default
+            :func:`secret_name`. Only its name is rendered.
+        cors: the allowed CORS origins.
+        resources: the models' resources hint (``cpu``, ``memory_gb``; see
+            :func:`resources_hint`), or None.
+
+    Returns:
+        The objects as dicts, parsed from the rendered YAML (the Secret is not among
+        them: see :func:`secret_object`).
+
+    Raises:
+        ValueError: a name is not a DNS label, the image is not pinned by digest, or
+            ``auth`` is not none/key.
+    """
+    docs = _documents(project, service, image, fingerprint, settings, auth=auth,
+                      auth_secret=auth_secret, cors=cors, resources=resources)
+    return [yaml.load(text, Loader=_Loader) for _, text in docs]
+
+
+def render_target(project: str, services: Iterable[ServiceInput],
+                  settings: KubeSettings) -> dict[str, str]:
+    """The files a kubernetes target writes to its ``out``: one object per file,
+    ``<service>-<kind>.yaml``, and ``kustomization.yaml`` listing them in apply order.
+
+    Services come in name order, so the same manifest gives the same files. The texts
+    are those :func:`render_service` parses; no key is in any of them.
+
+    Raises:
+        ValueError: as :func:`render_service`, or two services with one name.
+    """
+    files: dict[str, str] = {}
+    for s in sorted(services, key=lambda s: s.name):
+        for kind, text in _documents(project, s.name, s.image, s.fingerprint, settings,
+                                     auth=s.auth, auth_secret=s.auth_secret, cors=s.cors,
+                                     resources=s.resources):
+            file = f"{s.name}-{kind}.yaml"
+            if file in files:
+                raise ValueError(f"service {s.name!r} is given twice")
+            files[file] = text
+    files["kustomization.yaml"] = render(KUSTOMIZATION, project=project, files=list(files))
+    return files
+
+
+def secret_object(project: str, service: str, namespace: str, primary: str,
+                  secondary: str) -> dict:
+    """The Secret with a service's keys, for the deploy step to apply and for
+    ``mlbuild keys --secret`` to print; never written to ``out``.
+
+    It holds ``primary`` and ``secondary`` (each key alone, as ``mlbuild keys`` names
+    them) and ``keys``, the file the runtime reads (``MLBUILD_AUTH_KEYS_FILE``: one key
+    per line, as ``mlbuild.state.keys.write_file`` writes it; the Deployment mounts
+    only this item).
+    """
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": secret_name(project, service),
+            "namespace": namespace,
+            "labels": labels(project, service),
+        },
+        "type": "Opaque",
+        "data": {
+            "primary": b64(primary),
+            "secondary": b64(secondary),
+            "keys": b64(f"{primary}\n{secondary}\n"),
+        },
+    }
