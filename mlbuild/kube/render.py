@@ -45,10 +45,9 @@ Choices the settings leave open, and why:
   links.
 - The Ingress (one per service, so that several services share the target's host)
   routes ``host/<service>`` (pathType Prefix) to the Service. Kubernetes' Ingress has no
-  portable rewrite, so the path reaches the runtime with its ``/<service>`` prefix.
-  NOTE: the runtime answers ``/score`` at the root only, so it has to learn to strip
-  that prefix before an Ingress route works; no controller-specific rewrite annotation
-  is rendered.
+  portable rewrite, so the path reaches the runtime with its ``/<service>`` prefix, and
+  the runtime is told to answer below it (``MLBUILD_PATH_PREFIX``): no
+  controller-specific rewrite annotation is needed.
 - Quantities: CPU in millicores unless whole (``100m``, ``2``), memory in MiB (``512Mi``),
   as the docker target counts it.
 """

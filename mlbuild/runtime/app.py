@@ -405,6 +405,7 @@ class ScoringApp:
         self._slots = (asyncio.Semaphore(config.max_concurrent_requests)
                        if config.max_concurrent_requests else None)
         self._slot_wait = config.max_request_wait_ms / 1000.0
+        self._prefix = config.path_prefix
         self._start_lock = threading.Lock()
         self._loader_thread: threading.Thread | None = None
         self._docs: dict[str, bytes] = {}
@@ -529,6 +530,8 @@ class ScoringApp:
             self.start()
         method = scope["method"]
         path = scope["path"]
+        if self._prefix is not None and path.startswith(self._prefix):
+            path = path[len(self._prefix):] or "/"
         rid = auth = origin = ctype = clen = req_headers = ms_rid = client_rid = None
         for name, value in scope["headers"]:
             if name == b"content-type":

@@ -110,6 +110,8 @@ class RuntimeConfig:
             thread, so the event loop stays free to turn the excess away.
         max_request_wait_ms: How long a request past the cap waits for a free slot
             before 503 (AKS v1's ``max_request_wait_time``).
+        path_prefix: Routes are answered below this path too (``/svc/score`` as
+            ``/score``): an Ingress that routes ``host/svc`` without a rewrite.
     """
 
     entry_script: str | None = None
@@ -133,6 +135,7 @@ class RuntimeConfig:
     source_dir: str | None = None
     max_concurrent_requests: int | None = None
     max_request_wait_ms: int = DEFAULT_MAX_REQUEST_WAIT_MS
+    path_prefix: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -178,6 +181,7 @@ class RuntimeConfig:
             source_dir=env.get("AZUREML_SOURCE_DIRECTORY") or None,
             max_concurrent_requests=_positive(env, "MLBUILD_MAX_CONCURRENT_REQUESTS"),
             max_request_wait_ms=_wait_ms(env),
+            path_prefix=(env.get("MLBUILD_PATH_PREFIX") or "").rstrip("/") or None,
         )
 
     def with_overrides(self, **changes) -> RuntimeConfig:

@@ -553,3 +553,13 @@ def test_requests_past_the_cap_wait_for_a_slot_then_get_503(start_server, tmp_pa
         time.sleep(0.02)
         second = server.post(body="0")
         assert (first.result().status, second.status) == (200, 200)
+
+
+def test_path_prefix_answers_below_it_for_an_ingress_route(start_server, tmp_path):
+    server = start_server(["--entry-script", str(write_script(tmp_path, ECHO_SCRIPT))],
+                          env={"MLBUILD_PATH_PREFIX": "/diabetes/"})
+    assert server.post("/diabetes/score", body="hi").json()["echo"] == "hi"
+    assert server.get("/diabetes/healthz/ready").status == 200
+    assert server.get("/diabetes").status == 200  # the prefix alone is "/"
+    assert server.post("/score", body="hi").json()["echo"] == "hi"  # and the root still
+    assert server.get("/other/score").status == 404
