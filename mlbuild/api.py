@@ -161,7 +161,8 @@ def graph(directory=".", file=None, target: str | None = None, fmt: str = "text"
 
 
 def _run(directory, file, target, kinds, on_event, force, image_tar=False,
-         jobs: int = 1, frozen: bool = False, offline: bool = False) -> RunResult:
+         jobs: int = 1, frozen: bool = False, offline: bool = False,
+         force_conflicts: bool = False) -> RunResult:
     import dataclasses
 
     from mlbuild.graph.executor import execute
@@ -184,8 +185,9 @@ def _run(directory, file, target, kinds, on_event, force, image_tar=False,
             prune_removed_services(s, t)
         result = RunResult(t, [])
         frozen = frozen or os.environ.get("MLBUILD_FROZEN") == "1"
-        result.outcomes = execute(s.context(t, {"frozen": frozen}), specs, force=force,
-                                  on_event=on_event, jobs=jobs)
+        result.outcomes = execute(s.context(t, {"frozen": frozen,
+                                                "force_conflicts": force_conflicts}),
+                                  specs, force=force, on_event=on_event, jobs=jobs)
         return result
 
 
@@ -198,15 +200,18 @@ def build(directory=".", file=None, target: str | None = None, on_event=None,
 
 def deploy(directory=".", file=None, target: str | None = None, on_event=None,
            force: bool = False, image_tar: bool = False, jobs: int = 1,
-           frozen: bool = False, offline: bool = False) -> RunResult:
+           frozen: bool = False, offline: bool = False,
+           force_conflicts: bool = False) -> RunResult:
     """Bring ``target`` (default: the manifest's default_target) up to date.
 
     Args:
         image_tar: (package targets) also build each service's image and write it as
             ``<out>/<service>.image.tar``.
+        force_conflicts: (kubernetes targets) take over fields another field manager
+            owns instead of failing on the conflict.
     """
     return _run(directory, file, target, None, on_event, force, image_tar, jobs, frozen,
-                offline)
+                offline, force_conflicts)
 
 
 def push(directory=".", file=None, target: str | None = None, on_event=None,
@@ -411,17 +416,18 @@ def _service_of(project, name: str):
                            hint="services: " + ", ".join(sorted(project.services))) from None
 
 
-RUNNING_TYPES = ("process", "docker")
+RUNNING_TYPES = ("process", "docker", "kubernetes")
 
 
 def _running_target(project, target: str | None):
-    """A target whose services run (process or docker). Raises NotSupported otherwise."""
+    """A target whose services run (process, docker, kubernetes). Raises NotSupported
+    otherwise."""
     from mlbuild.errors import NotSupported
 
     t = project.target(target)
     if t.type not in RUNNING_TYPES:
         raise NotSupported(f"target {t.name!r} is of type {t.type}: nothing runs there",
-                           hint="name a process or docker target")
+                           hint="name a process, docker or kubernetes target")
     return t
 
 
@@ -467,8 +473,14 @@ def status(directory=".", file=None, target: str | None = None) -> list[ServiceS
                f"{'s' if len(e.problems) != 1 else ''}: mlbuild validate)"
         with _state(state_dir, lock=False) as db:
             deps = db.deployments(target)
-        return [_observe(manifest.parent, t, name, "docker" if "container" in dep else "process",
-                         dep, note) for (t, name), dep in deps.items()]
+        return [_observe(manifest.parent, t, name, _type_of(dep), dep, note)
+                for (t, name), dep in deps.items()]
+
+
+def _type_of(record: dict) -> str:
+    """The target type a deployment record was written by."""
+    return "kubernetes" if "kube" in record else "docker" if "container" in record \
+        else "process"
 
 
 def _status(directory, file, target: str | None) -> list[ServiceStatus]:
@@ -497,16 +509,20 @@ def _observe(root: Path, target: str, name: str, ttype: str, dep: dict,
     from mlbuild.backends import process as proc
     from mlbuild.graph.steps import container
 
-    if ttype == "docker":
+    last: list[str] = []
+    if ttype == "kubernetes":
+        from mlbuild.kube import ops
+
+        state, detail, last = ops.observe(dep)
+    elif ttype == "docker":
         state, detail = container.observe(dep)
     else:
         state, detail = proc.observe(dict(dep, release=str(root / dep["release"])))
     if note:
         detail += f"; {note}"
-    last: list[str] = []
-    if state == proc.FAILED:  # why it failed is usually in its last words
+    if state == proc.FAILED and not last:  # why it failed is usually in its last words
         last = _last_lines(root, target, name, ttype, dep)
-    return ServiceStatus(target, name, state, ttype, dep["url"], dep.get("image"),
+    return ServiceStatus(target, name, state, ttype, dep["url"] or None, dep.get("image"),
                          dep.get("pid"), dep["fingerprint"].split(":")[-1][:12],
                          dep["started_at"], detail.lstrip("; "), tuple(last))
 
@@ -514,6 +530,8 @@ def _observe(root: Path, target: str, name: str, ttype: str, dep: dict,
 def _last_lines(root: Path, target: str, name: str, ttype: str, dep: dict,
                 n: int = STATUS_LOG_LINES) -> list[str]:
     """The last ``n`` non-blank lines of a deployment's log ([] when there is none)."""
+    if ttype == "kubernetes":
+        return []  # ops.observe reads the failing container's own
     if ttype == "docker":
         try:
             from mlbuild.backends.docker import connect
@@ -539,6 +557,15 @@ def logs(service: str, directory=".", file=None, target: str | None = None,
     with session(directory, file) as s:
         t = _running_target(s.project, target)
         dep = s.db.get_deployment(t.name, service)
+        if t.type == "kubernetes":
+            if dep is None:
+                _service_of(s.project, service)
+                raise InvalidInput(f"service {service!r} is not deployed to target {t.name!r}",
+                                   hint=f"run mlbuild deploy {t.name}")
+            from mlbuild.kube import ops
+
+            yield from ops.logs(dep, lines, follow)
+            return
         if t.type == "docker":
             if dep is None:
                 _service_of(s.project, service)
@@ -615,6 +642,7 @@ def down(directory=".", file=None, target: str | None = None) -> list[str]:
                     if svc not in stopped]
         db.forget_steps(f"process:{name}/")
         db.forget_steps(f"container:{name}/")
+        db.forget_steps(f"k8s:{name}/")
         return sorted(stopped)
 
 
@@ -622,7 +650,11 @@ def _stop_deployment(root: Path, db: StateDB, target: str, service: str, dep: di
     """Stop one recorded deployment and forget it. True (it was recorded as running)."""
     from mlbuild.graph.steps.process import stop_release
 
-    if "container" in dep:
+    if "kube" in dep:
+        from mlbuild.kube import ops
+
+        ops.delete(dep)
+    elif "container" in dep:
         from mlbuild.backends.docker import connect
 
         eng = connect()
@@ -671,6 +703,7 @@ def prune_removed_services(s: Session, t, say=_say) -> list[str]:
             _stop_deployment(s.project.root, s.db, t.name, svc, dep)
             s.db.forget_steps(f"process:{t.name}/{svc}")
             s.db.forget_steps(f"container:{t.name}/{svc}")
+            s.db.forget_steps(f"k8s:{t.name}/{svc}")
             say(f"  stopped     {svc}  (no longer deployed to target {t.name})")
             gone.append(svc)
     return gone
@@ -685,8 +718,10 @@ class Response:
 
 def invoke(service: str, data: bytes, directory=".", file=None, target: str | None = None,
            content_type: str = "application/json", timeout: float = 60.0,
-           path: str = "/score") -> Response:
-    """POST ``data`` to a deployed service (with its key when it has auth: key)."""
+           path: str = "/score", url: str | None = None) -> Response:
+    """POST ``data`` to a deployed service (with its key when it has auth: key), at its
+    recorded URL or ``url`` (a kubernetes service without an ingress or load balancer
+    has none reachable from here: kubectl port-forward, then --url)."""
     import http.client
     from urllib.parse import urlsplit
 
@@ -696,9 +731,21 @@ def invoke(service: str, data: bytes, directory=".", file=None, target: str | No
         t = _running_target(s.project, target)
         svc = _service_of(s.project, service)
         dep = s.db.get_deployment(t.name, service)
-        if dep is None:
+        if dep is None and url is None:
             raise InvalidInput(f"service {service!r} is not deployed to target {t.name!r}",
                                hint=f"run mlbuild deploy {t.name}")
+        base = url or dep["url"]
+        if not base:
+            from mlbuild.kube.render import object_name
+
+            raise InvalidInput(
+                f"service {service!r} on target {t.name!r} has no address outside the "
+                f"cluster (service_type {t.kube.service_type if t.kube else '?'}, no "
+                "ingress)",
+                hint=f"kubectl port-forward svc/{object_name(s.project.name, service)} "
+                     f"8080:{t.kube.port if t.kube else 80} -n "
+                     f"{t.kube.namespace if t.kube else 'default'}, then mlbuild invoke "
+                     f"{service} --url http://127.0.0.1:8080")
         keys = None
         if svc.auth == "key":
             # The keys the running release was started with (a regenerated key applies
@@ -708,17 +755,18 @@ def invoke(service: str, data: bytes, directory=".", file=None, target: str | No
 
             kf = keys_file(s.db.state_dir, t.name, service)
             keys = read_keys_file(str(kf)) if kf.exists() else s.db.get_keys(t.name, service)
-    u = urlsplit(dep["url"])
+    u = urlsplit(base)
     headers = {"Content-Type": content_type}
     if keys:
         headers["Authorization"] = f"Bearer {keys[0]}"
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    kind = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    conn = kind(u.hostname, u.port, timeout=timeout)
     try:
-        conn.request("POST", path, body=data, headers=headers)
+        conn.request("POST", u.path.rstrip("/") + path, body=data, headers=headers)
         r = conn.getresponse()
         return Response(r.status, dict(r.getheaders()), r.read())
     except OSError as e:
-        raise StepFailed(f"invoke:{service}", f"{dep['url']}{path} does not answer: "
+        raise StepFailed(f"invoke:{service}", f"{base}{path} does not answer: "
                          f"{e.strerror or e}",
                          hint=f"mlbuild status {t.name} shows its state; mlbuild logs "
                               f"{service} -t {t.name} its log") from e
@@ -741,6 +789,23 @@ def keys(service: str, directory=".", file=None, target: str | None = None,
         if regenerate:
             return keystore.regenerate(s.db, t.name, service, regenerate)
         return keystore.ensure(s.db, t.name, service)
+
+
+def keys_secret(service: str, directory=".", file=None, target: str | None = None) -> str:
+    """The Secret with ``service``'s keys on a kubernetes target, as YAML: what a
+    GitOps flow (apply: false) seals or applies itself; never written to ``out``."""
+    import yaml
+
+    from mlbuild.kube.render import secret_object
+
+    primary, secondary = keys(service, directory, file, target)
+    with session(directory, file) as s:
+        t = s.project.target(target)
+        if t.type != "kubernetes":
+            raise InvalidInput(f"--secret: target {t.name!r} is of type {t.type}",
+                               hint="--secret goes with a kubernetes target")
+        obj = secret_object(s.project.name, service, t.kube.namespace, primary, secondary)
+    return yaml.safe_dump(obj, sort_keys=False)
 
 
 @dataclass

@@ -189,6 +189,12 @@ def _run_verb(o: Obj, verb: str, target, force: bool, **extra):
             service = x.id.split("/", 1)[1]
             click.echo(f"  {service}: {x.outputs['url']}  (mlbuild invoke {service} "
                        f"-t {r.target.name} --data @FILE)")
+        elif x.kind == "k8s" and x.outputs:
+            service = x.id.split("/", 1)[1]
+            where = x.outputs.get("url") or (
+                f"{x.outputs['namespace']}/{x.outputs['deployment']}" if x.outputs["applied"]
+                else f"{len(x.outputs['files'])} files in {r.target.kube.out}/ (apply: false)")
+            click.echo(f"  {service}: {where}")
 
 
 @cli.command()
@@ -215,11 +221,13 @@ def build(o: Obj, target, force, jobs, frozen):
               help="Never write lock files: fail when one does not match its spec (CI).")
 @click.option("--offline", is_flag=True,
               help="Package targets: include every wheel, so the image builds without network.")
+@click.option("--force-conflicts", is_flag=True,
+              help="Kubernetes targets: take over fields another field manager owns.")
 @pass_obj
-def deploy(o: Obj, target, force, image_tar, jobs, frozen, offline):
+def deploy(o: Obj, target, force, image_tar, jobs, frozen, offline, force_conflicts):
     """Bring TARGET (default: default_target) up to date."""
     _run_verb(o, "deploy", target, force, image_tar=image_tar, jobs=jobs, frozen=frozen,
-              offline=offline)
+              offline=offline, force_conflicts=force_conflicts)
 
 
 @cli.command()
@@ -355,13 +363,16 @@ def down(o: Obj, target):
 
 @cli.command()
 @click.argument("service")
-@click.option("-t", "--target", help="Process or docker target (default: default_target).")
+@click.option("-t", "--target",
+              help="Process, docker or kubernetes target (default: default_target).")
 @click.option("-d", "--data", required=True, metavar="JSON|@FILE|-",
               help="Request body: inline text, @FILE to read a file, - for stdin.")
 @click.option("--content-type", default="application/json", show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")
+@click.option("--url", help="Call this base URL instead of the recorded one (e.g. a "
+                            "kubectl port-forward: http://127.0.0.1:8080).")
 @pass_obj
-def invoke(o: Obj, service, target, data, content_type, timeout):
+def invoke(o: Obj, service, target, data, content_type, timeout, url):
     """Call a deployed SERVICE's /score (with its key) and print the answer."""
     from mlbuild import api
     from mlbuild.errors import InvalidInput, StepFailed
@@ -377,7 +388,7 @@ def invoke(o: Obj, service, target, data, content_type, timeout):
     else:
         body = data.encode()
     r = api.invoke(service, body, target=target, content_type=content_type, timeout=timeout,
-                   **o.where)
+                   url=url, **o.where)
     if o.json:
         try:
             parsed = json.loads(r.body)
@@ -396,11 +407,17 @@ def invoke(o: Obj, service, target, data, content_type, timeout):
 @click.option("-t", "--target", help="Target (default: default_target).")
 @click.option("--regenerate", type=click.Choice(["primary", "secondary"]),
               help="Make a new key; the next deploy of the target applies it.")
+@click.option("--secret", is_flag=True,
+              help="Kubernetes targets: print the Secret holding the keys, as YAML (to "
+                   "seal or apply yourself with apply: false).")
 @pass_obj
-def keys(o: Obj, service, target, regenerate):
+def keys(o: Obj, service, target, regenerate, secret):
     """Print the auth keys of SERVICE (auth: key) on a target."""
     from mlbuild import api
 
+    if secret:
+        click.echo(api.keys_secret(service, target=target, **o.where), nl=False)
+        return
     primary, secondary = api.keys(service, target=target, regenerate=regenerate, **o.where)
     if o.json:
         return _emit_json({"primary": primary, "secondary": secondary})

@@ -17,8 +17,12 @@ registry, and a ``container`` per service::
 
     model:ridge ──▶ context:diabetes ──▶ image:diabetes ──▶ push:diabetes ──▶ container:local/diabetes
 
-(``lock:ENV`` comes before ``context`` and ``venv``; kubernetes targets come with
-later work and are refused plainly until then.)
+For a kubernetes target, the image pushed to the project's registry (the cluster pulls
+it by digest) and a ``k8s`` step per service::
+
+    model:ridge ──▶ context:diabetes ──▶ image:diabetes ──▶ push:diabetes ──▶ k8s:staging/diabetes
+
+(``lock:ENV`` comes before ``context`` and ``venv``.)
 
 The graph is a ``networkx.DiGraph``. Importing networkx costs more than a whole
 no-op run may take, so the planned steps (topologically sorted) are cached in the
@@ -29,17 +33,12 @@ version: a no-op run never imports networkx.
 from __future__ import annotations
 
 from mlbuild import __version__
-from mlbuild.errors import NotSupported
+from mlbuild.errors import InvalidInput
 from mlbuild.graph.step import StepSpec
 from mlbuild.manifest.model import Project, Target
 from mlbuild.state.digest import hash_json
 
-PLANNER_VERSION = 6
-
-# What each target type needs, and which later work brings what is missing.
-NOT_YET = {
-    "kubernetes": "the kubernetes target is not built yet",
-}
+PLANNER_VERSION = 7
 
 
 def _model_step_id(ref) -> str:
@@ -50,15 +49,16 @@ def build_graph(project: Project, target: Target):
     """The step DAG for deploying ``target``. Nodes carry a ``spec`` attribute.
 
     Raises:
-        NotSupported: the target's type cannot be deployed by this version.
+        InvalidInput: a kubernetes target in a project without a registry.
     """
     import networkx as nx
 
-    if target.type in NOT_YET:
-        raise NotSupported(
-            f"target {target.name!r}: {NOT_YET[target.type]}",
-            hint="deploy a process or package target meanwhile",
-        )
+    if target.type == "kubernetes" and not project.registry:
+        raise InvalidInput(
+            f"{project.manifest_path.name}:{target.line or 1}: targets.{target.name}: a "
+            "kubernetes target needs the project's registry: the cluster pulls the images "
+            "from it",
+            hint="add registry: HOST[:PORT]/PATH at the top of the manifest")
     g = nx.DiGraph()
 
     def add(spec: StepSpec) -> None:
@@ -99,6 +99,13 @@ def build_graph(project: Project, target: Target):
             add(StepSpec(f"container:{target.name}/{service.name}", "container",
                          {"service": service.name, "target": target.name},
                          sorted({ctx_id, image_id, last})))
+        elif target.type == "kubernetes":
+            image_id = f"image:{service.name}"
+            push_id = f"push:{service.name}"
+            add(StepSpec(image_id, "image", {"service": service.name}, [ctx_id]))
+            add(StepSpec(push_id, "push", {"service": service.name}, [image_id]))
+            add(StepSpec(f"k8s:{target.name}/{service.name}", "k8s",
+                         {"service": service.name, "target": target.name}, [push_id]))
         elif target.type == "process":
             venv_id = f"venv:{service.environment}"
             add(StepSpec(venv_id, "venv", {"environment": service.environment}, env_deps))

@@ -88,6 +88,7 @@ _KINDS = (
     ("ingress", "kubernetes/ingress.yaml.j2"),
 )
 KUSTOMIZATION = "kubernetes/kustomization.yaml.j2"
+KUSTOMIZATION_FILE = "kustomization.yaml"
 # Every template a render reads: their digests belong in the deploy step's fingerprint.
 TEMPLATES = ("kubernetes/_macros.j2", *(t for _, t in _KINDS), KUSTOMIZATION)
 
@@ -204,7 +205,6 @@ def _documents(project: str, service: str, image: str, fingerprint: str,
     requests, limits = _resources(settings, resources)
     autoscale = settings.autoscale
     replicas = None if autoscale is not None else (settings.replicas or 1)
-    lowest = autoscale.min if autoscale is not None else replicas
     values = dict(
         project=project,
         service=service,
@@ -244,14 +244,35 @@ def _documents(project: str, service: str, image: str, fingerprint: str,
         ingress=settings.ingress,
         ingress_path=f"/{service}",
     )
-    wanted = {
-        "pdb": lowest >= 2,
-        "service": True,
-        "deployment": True,
-        "hpa": autoscale is not None,
-        "ingress": settings.ingress is not None,
-    }
-    return [(kind, render(template, **values)) for kind, template in _KINDS if wanted[kind]]
+    wanted = _wanted(settings)
+    return [(kind, render(template, **values)) for kind, template in _KINDS if kind in wanted]
+
+
+def _wanted(settings: KubeSettings) -> set[str]:
+    """The kinds of object a service of a target with these settings gets."""
+    autoscale = settings.autoscale
+    lowest = autoscale.min if autoscale is not None else (settings.replicas or 1)
+    out = {"service", "deployment"}
+    if lowest >= 2:
+        out.add("pdb")
+    if autoscale is not None:
+        out.add("hpa")
+    if settings.ingress is not None:
+        out.add("ingress")
+    return out
+
+
+def file_names(service: str, settings: KubeSettings) -> list[str]:
+    """The files :func:`render_target` writes for ``service``, in apply order: known
+    from the settings alone (a deploy step lists every service's in the kustomization
+    without rendering them)."""
+    wanted = _wanted(settings)
+    return [f"{service}-{kind}.yaml" for kind, _ in _KINDS if kind in wanted]
+
+
+def kustomization(project: str, files: list[str]) -> str:
+    """``kustomization.yaml`` listing ``files`` (in the order given)."""
+    return render(KUSTOMIZATION, project=project, files=list(files))
 
 
 def render_service(project: str, service: str, image: str, fingerprint: str,
@@ -307,7 +328,7 @@ def render_target(project: str, services: Iterable[ServiceInput],
             if file in files:
                 raise ValueError(f"service {s.name!r} is given twice")
             files[file] = text
-    files["kustomization.yaml"] = render(KUSTOMIZATION, project=project, files=list(files))
+    files[KUSTOMIZATION_FILE] = kustomization(project, list(files))
     return files
 
 

@@ -142,17 +142,23 @@ def test_target_services_subset(tmp_path):
         ["lock:env", "model:ridge", "context:a", "package:bundle/a"]
 
 
-@pytest.mark.parametrize("target, kind", [("k8s", "kubernetes")])
-def test_unsupported_targets_refused_plainly(basic, target, kind):
+def test_kubernetes_target_needs_a_registry_said_plainly(basic):
     p = load(basic)
-    with pytest.raises(NotSupported) as ei:
-        plan_steps(p, p.target(target))
+    with pytest.raises(InvalidInput) as ei:
+        plan_steps(p, p.target("k8s"))
     msg = str(ei.value)
-    assert msg.startswith(f"target {target!r}: the {kind} target")
-    assert "not built yet" in msg
-    assert "\n" not in msg and "Traceback" not in msg
-    assert "package" in ei.value.hint
-    assert ei.value.exit_code == 3
+    assert "targets.k8s: a kubernetes target needs the project's registry" in msg
+    assert msg.startswith("mlproject.yaml:") and "\n" not in msg and "Traceback" not in msg
+    assert "registry:" in ei.value.hint and ei.value.exit_code == 3
+
+
+def test_kubernetes_target_plan(basic):
+    text = (basic / "mlproject.yaml").read_text()
+    (basic / "mlproject.yaml").write_text("registry: 127.0.0.1:5000/ml\n" + text)
+    p = load(basic)
+    ids = [s.id for s in plan_steps(p, p.target("k8s"))]
+    assert ids == ["lock:env", "model:ridge", "context:svc", "image:svc", "push:svc",
+                   "k8s:k8s/svc"]
 
 
 def test_docker_target_plan(basic):
@@ -210,12 +216,12 @@ def test_no_code_services_share_one_default_environment_step(tmp_path):
     assert set(statuses(run(root, "pkg")).values()) == {UP_TO_DATE}
 
 
-def test_unsupported_target_is_not_cached(basic):
+def test_refused_target_is_not_cached(basic):
     p = load(basic)
     db = StateDB(basic / ".mlbuild")
     try:
-        for _ in range(2):  # refused every time, not served from a cache
-            with pytest.raises(NotSupported):
+        for _ in range(2):  # refused every time (no registry), not served from a cache
+            with pytest.raises(InvalidInput):
                 plan_steps(p, p.target("k8s"), db)
         assert db.get_plan(planner.plan_key(p, p.target("k8s"))) is None
     finally:

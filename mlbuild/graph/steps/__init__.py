@@ -19,6 +19,7 @@ _WHERE = {
     "image": "image:ImageStep",
     "push": "image:PushStep",
     "container": "container:ContainerStep",
+    "k8s": "kube:KubeStep",
     "imagetar": "image:ImageTarStep",
     "lock": "lock:LockStep",
     "wheels": "wheels:WheelsStep",

@@ -1,0 +1,245 @@
+"""``k8s`` steps: a service on a kubernetes target.
+
+    image:diabetes ──▶ push:diabetes ──▶ k8s:staging/diabetes
+
+Renders the service's objects (kube/render.py), writes them into the target's ``out``
+(with a ``kustomization.yaml``; never the keys), and -- unless ``apply: false``, the
+GitOps mode -- applies them with server-side apply (field manager ``mlbuild``) and
+watches the rollout until kubectl's rule says it is complete, or a pod reason Skaffold
+treats as unrecoverable (kube/rollout.py) says it never will be. A failed rollout shows
+the failing container's last log lines, is rolled back to the Deployment that was
+serving (maxUnavailable 0: its pods never stopped) and fails the step. Ctrl-C leaves
+the rollout as it is; the step is not recorded, so the next deploy applies the same
+objects (a no-op for the API server) and watches again.
+
+Up to date means: the files in ``out`` are the ones written, and (applied) the live
+Deployment carries this step's fingerprint and is available -- reality, not the record.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mlbuild.errors import InvalidInput, StepFailed
+from mlbuild.graph.step import BuildContext, Step
+from mlbuild.kube import render
+from mlbuild.state import keys as keystore
+from mlbuild.state.digest import hash_json
+
+POLL = float(os.environ.get("MLBUILD_K8S_POLL", "1.0"))  # seconds between looks
+LOG_LINES = 20  # of the failing container, in the error
+DEADLINE_SLACK = 60.0  # seconds past progressDeadlineSeconds we watch on our own
+
+
+def pinned_image(push: dict) -> str:
+    """``registry/name@sha256:...`` from the push step's outputs (tag and digest)."""
+    repo = push["tag"].rsplit(":", 1)[0]
+    return f"{repo}@{push['digest']}"
+
+
+def connect(target, kubeconfig: str | None = None):
+    """The API client of a kubernetes target (imports lightkube: only now)."""
+    from mlbuild.kube.client import KubeClient
+
+    s = target.kube
+    return KubeClient(s.context, s.namespace,
+                      kubeconfig=kubeconfig or os.environ.get("MLBUILD_KUBECONFIG"))
+
+
+def service_url(settings, service: str, svc_obj: dict | None) -> str | None:
+    """Where clients reach the service from outside: the Ingress, else a load
+    balancer's address; None for ClusterIP and NodePort (invoke --url then)."""
+    if settings.ingress is not None:
+        scheme = "https" if settings.ingress.tls_secret else "http"
+        return f"{scheme}://{settings.ingress.host}/{service}"
+    if settings.service_type == "LoadBalancer" and svc_obj:
+        for lb in ((svc_obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or ():
+            host = lb.get("hostname") or lb.get("ip")
+            if host:
+                return f"http://{host}:{settings.port}" if settings.port != 80 \
+                    else f"http://{host}"
+    return None
+
+
+def _write(path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a GitOps repo never sees half a
+    file, even after Ctrl-C)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class KubeStep(Step):
+    kind = "k8s"
+    version = 1
+    templates = render.TEMPLATES
+
+    def _service(self, ctx: BuildContext):
+        return ctx.project.services[self.params["service"]]
+
+    def config(self, ctx: BuildContext) -> dict:
+        t, s = ctx.target, self._service(ctx)
+        return {"name": ctx.project.name, "registry": ctx.project.registry,
+                f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth,
+                f"services.{s.name}.cors": list(s.cors)}
+
+    def extra(self, ctx: BuildContext) -> dict:
+        s = self._service(ctx)
+        if s.auth == "key" and ctx.target.kube.apply:
+            # Regenerated keys reach the Secret at the next deploy.
+            return {"keys": hash_json(keystore.ensure(ctx.db, ctx.target.name, s.name))[:16]}
+        return {}
+
+    # -- files -----------------------------------------------------------------------
+    def _texts(self, ctx: BuildContext, image: str, fingerprint: str) -> dict[str, str]:
+        project, target, s = ctx.project, ctx.target, self._service(ctx)
+        mine = render.render_target(project.name, [render.ServiceInput(
+            name=s.name, image=image, fingerprint=fingerprint, auth=s.auth,
+            cors=tuple(s.cors))], target.kube)
+        # The kustomization lists every service's files: the names alone, known without
+        # their images (each service's step rewrites it the same way).
+        listed = [f for other in sorted(project.services_for(target), key=lambda x: x.name)
+                  for f in render.file_names(other.name, target.kube)]
+        mine[render.KUSTOMIZATION_FILE] = render.kustomization(project.name, listed)
+        return mine
+
+    def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
+        root = ctx.project.root
+        from mlbuild.state.digest import hash_file
+
+        for rel, digest in outputs["files"].items():
+            path = root / rel
+            if rel.endswith(render.KUSTOMIZATION_FILE):
+                if not path.is_file():
+                    return f"output {rel} missing"
+                continue  # rewritten by each service's step
+            try:
+                if hash_file(path) != digest:
+                    return f"output {rel} was modified"
+            except FileNotFoundError:
+                return f"output {rel} missing"
+        if not outputs.get("applied"):
+            return None
+        from mlbuild.kube import rollout
+
+        client = connect(ctx.target)
+        dep = client.get("Deployment", outputs["deployment"])
+        if dep is None:
+            return f"Deployment {outputs['deployment']} is gone (deleted outside mlbuild)"
+        seen = (dep["metadata"].get("annotations") or {}).get(render.FINGERPRINT_ANNOTATION)
+        if seen != outputs["fingerprint"]:
+            return f"Deployment {outputs['deployment']} was changed outside mlbuild"
+        verdict = rollout.evaluate(dep, [], [])
+        if not verdict.done:
+            return f"Deployment {outputs['deployment']} is not available ({verdict.reason})"
+        return None
+
+    # -- deploy ----------------------------------------------------------------------
+    def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
+        from mlbuild.state.digest import hash_file
+
+        project, target, s = ctx.project, ctx.target, self._service(ctx)
+        settings = target.kube
+        image = pinned_image(upstream[f"push:{s.name}"])
+        texts = self._texts(ctx, image, fingerprint)
+        out = project.root / settings.out
+        out.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for name, text in texts.items():
+            _write(out / name, text)
+            rel = f"{settings.out}/{name}"
+            files[rel] = hash_file(out / name)
+        result = {"files": files, "applied": settings.apply, "image": image,
+                  "fingerprint": fingerprint}
+        if not settings.apply:
+            ctx.log(f"  wrote       {len(files)} files to {settings.out}/ (apply: false)")
+            return result
+
+        client = connect(target)
+        if not client.namespace_exists():
+            raise InvalidInput(f"namespace {settings.namespace!r} does not exist in context "
+                               f"{client.context!r}",
+                               hint=f"kubectl create namespace {settings.namespace}, or fix "
+                                    f"targets.{target.name}.namespace")
+        name = render.object_name(project.name, s.name)
+        record = ctx.db.get_deployment(target.name, s.name)
+        serving = (record or {}).get("applied_deployment")
+        force = bool(ctx.options.get("force_conflicts"))
+        if s.auth == "key":
+            primary, secondary = keystore.ensure(ctx.db, target.name, s.name)
+            client.apply(render.secret_object(project.name, s.name, settings.namespace,
+                                              primary, secondary), force=force)
+        objects = render.render_service(project.name, s.name, image, fingerprint, settings,
+                                        auth=s.auth, cors=tuple(s.cors))
+        deployment = next(o for o in objects if o["kind"] == "Deployment")
+        for obj in objects:
+            client.apply(obj, force=force)
+        ctx.log(f"  applied     {len(objects) + (s.auth == 'key')} objects to "
+                f"{settings.namespace} ({client.context}); watching {name}")
+        verdict = self._watch(ctx, client, name, settings.progress_deadline_s)
+        if not verdict.done:
+            self._fail(ctx, client, name, verdict, serving, force)
+        svc_obj = client.get("Service", name)
+        url = service_url(settings, s.name, svc_obj)
+        ctx.db.put_deployment(target.name, s.name, {
+            "kube": {"context": client.context, "namespace": settings.namespace,
+                     "deployment": name},
+            "url": url or "", "image": image, "fingerprint": fingerprint,
+            "started_at": time.time(), "applied_deployment": deployment})
+        return dict(result, deployment=name, namespace=settings.namespace, url=url)
+
+    def _watch(self, ctx: BuildContext, client, name: str, deadline_s: float):
+        """Look every POLL seconds until the verdict is done or failed, or the deadline
+        (the Deployment's own, plus slack for a controller that never says) passed."""
+        from mlbuild.kube import rollout
+
+        give_up = time.monotonic() + deadline_s + DEADLINE_SLACK
+        said = None
+        while True:
+            dep = client.get("Deployment", name)
+            if dep is None:
+                raise StepFailed(self.id, f"Deployment {name} vanished during the rollout")
+            selector = dep["spec"]["selector"]["matchLabels"]
+            pods = client.list("Pod", selector)
+            new_hash = rollout.revision_hash_of(dep, client.list("ReplicaSet", selector))
+            # Events of the Deployment, its new ReplicaSet (FailedCreate) and its pods.
+            about = [name] + ([f"{name}-{new_hash}"] if new_hash else []) + [
+                p["metadata"]["name"] for p in pods
+                if (p["metadata"].get("labels") or {}).get("pod-template-hash") == new_hash]
+            events = [e for who in about for e in client.events(who)]
+            verdict = rollout.evaluate(dep, pods, events, revision_hash=new_hash)
+            if verdict.done or verdict.failed:
+                return verdict
+            if verdict.reason != said:
+                said = verdict.reason
+                ctx.log(f"  rollout     {name}: {verdict.state}: {verdict.reason}")
+            if time.monotonic() > give_up:
+                return verdict
+            time.sleep(POLL)
+
+    def _fail(self, ctx, client, name: str, verdict, serving: dict | None, force: bool):
+        lines: list[str] = []
+        if verdict.failing_pod and verdict.failing_container:
+            lines = list(client.logs(verdict.failing_pod, verdict.failing_container,
+                                     tail=LOG_LINES, previous=verdict.logs_previous))
+        if serving is not None:
+            client.apply(serving, force=True)
+            kept = "rolled back to the Deployment that was serving (its pods never stopped)"
+        else:
+            kept = "nothing was serving before (first deploy): left as it is"
+        where = f"{verdict.failing_pod}/{verdict.failing_container}" \
+            if verdict.failing_pod else name
+        why = verdict.reason + (f" ({verdict.message})" if verdict.message
+                                and verdict.message not in verdict.reason else "")
+        text = f"{verdict.state}: {why}; {kept}"
+        if lines:
+            text += f". Last lines of {where}:\n    " + "\n    ".join(lines[-LOG_LINES:])
+        raise StepFailed(self.id, text, hint="fix the cause above and deploy again "
+                                             "(mlbuild status shows the pods)")
+
+    def summary(self, outputs: dict) -> str:
+        if not outputs.get("applied"):
+            return f"wrote {len(outputs['files'])} files (apply: false)"
+        where = outputs.get("url") or f"{outputs['namespace']}/{outputs['deployment']}"
+        return f"Healthy at {where}"

@@ -1,0 +1,98 @@
+"""``status``, ``logs`` and ``down`` of a service recorded on a kubernetes target.
+
+They work from the deployment record (context, namespace, Deployment name), so a
+manifest that no longer loads does not hide or keep anything running.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+from mlbuild.kube import render
+from mlbuild.kube.client import APPLIED_KINDS, KubeClient
+
+_RECORD_KEY = "kube"
+
+
+def is_kube(record: dict) -> bool:
+    return _RECORD_KEY in record
+
+
+def client_of(record: dict) -> KubeClient:
+    import os
+
+    k = record[_RECORD_KEY]
+    return KubeClient(k["context"], k["namespace"],
+                      kubeconfig=os.environ.get("MLBUILD_KUBECONFIG"))
+
+
+def observe(record: dict) -> tuple[str, str, list[str]]:
+    """``(state, detail, last log lines)`` of a recorded service, from its live
+    Deployment and pods (the last lines only when it Failed)."""
+    from mlbuild.kube import rollout
+
+    client = client_of(record)
+    name = record[_RECORD_KEY]["deployment"]
+    dep = client.get("Deployment", name)
+    if dep is None:
+        return "Failed", f"Deployment {name} is gone (deleted outside mlbuild)", []
+    selector = dep["spec"]["selector"]["matchLabels"]
+    pods = client.list("Pod", selector)
+    v = rollout.status_of(dep, pods, revision_hash=rollout.revision_hash_of(
+        dep, client.list("ReplicaSet", selector)))
+    detail = f"{v.ready}/{v.desired} ready"
+    if v.restarts:
+        detail += f", {v.restarts} restarts"
+    if v.state != "Healthy" and v.reason:
+        detail += f"; {v.reason}"
+    seen = (dep["metadata"].get("annotations") or {}).get(render.FINGERPRINT_ANNOTATION)
+    if seen != record["fingerprint"]:
+        detail += "; changed outside mlbuild (another fingerprint)"
+    last: list[str] = []
+    if v.state == "Failed" and v.failing_pod and v.failing_container:
+        last = list(client.logs(v.failing_pod, v.failing_container, tail=5,
+                                previous=v.logs_previous))
+    return v.state, detail, last
+
+
+def logs(record: dict, lines: int | None, follow: bool) -> Iterator[str]:
+    """Every replica's log, each line prefixed by its pod: ``[pod] line``."""
+    client = client_of(record)
+    name = record[_RECORD_KEY]["deployment"]
+    dep = client.get("Deployment", name)
+    selector = dep["spec"]["selector"]["matchLabels"] if dep else \
+        {"app.kubernetes.io/instance": name}
+    pods = sorted(p["metadata"]["name"] for p in client.list("Pod", selector))
+    if not follow:
+        for pod in pods:
+            for line in client.logs(pod, tail=lines):
+                yield f"[{pod}] {line}"
+        return
+    # Follow: one reader per pod, lines as they come, until interrupted.
+    q: queue.Queue = queue.Queue()
+
+    def read(pod: str) -> None:
+        for line in client.logs(pod, tail=lines, follow=True):
+            q.put(f"[{pod}] {line}")
+
+    for pod in pods:
+        threading.Thread(target=read, args=(pod,), daemon=True).start()
+    while True:
+        yield q.get()
+
+
+def delete(record: dict) -> list[str]:
+    """Delete what mlbuild applied for a recorded service -- found by its labels
+    (``instance`` and ``managed-by: mlbuild``), nothing else. Returns what went."""
+    client = client_of(record)
+    name = record[_RECORD_KEY]["deployment"]
+    gone = []
+    labels = {"app.kubernetes.io/instance": name,
+              "app.kubernetes.io/managed-by": render.MANAGED_BY}
+    for kind in APPLIED_KINDS:
+        for obj in client.list(kind, labels):
+            if client.delete(kind, obj["metadata"]["name"]):
+                gone.append(f"{kind}/{obj['metadata']['name']}")
+    return gone
