@@ -75,9 +75,13 @@ class KubeClient:
         """Read the kubeconfig (``$KUBECONFIG``, else ``~/.kube/config``).
 
         Raises:
-            InvalidInput: No kubeconfig, or no such context.
+            InvalidInput: No kubeconfig, or no such context, or no lightkube.
         """
-        from lightkube import Client, KubeConfig
+        try:
+            from lightkube import Client, KubeConfig
+        except ImportError:
+            raise InvalidInput("a kubernetes target needs lightkube, which is not installed",
+                               hint="pip install 'mlbuild[kubernetes]'") from None
         from lightkube.core.exceptions import ConfigError
 
         try:
