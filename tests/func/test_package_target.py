@@ -147,13 +147,14 @@ def test_graph_formats(cli: CLI):
     assert mm.startswith("graph LR")
 
 
-def test_target_not_built_yet_says_so(cli: CLI, diabetes: Path):
+def test_kubernetes_target_without_registry_says_so(cli: CLI, diabetes: Path):
     m = diabetes / "mlproject.yaml"
     m.write_text(m.read_text().replace(
         "targets:\n", "targets:\n  staging: {type: kubernetes, namespace: ml}\n"))
     r = cli("deploy", "staging", check=3)
-    assert "kubernetes target is not built yet" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "targets.staging: a kubernetes target needs the project's registry" in r.stderr
+    assert "hint: add registry:" in r.stderr and "Traceback" not in r.stderr
+    cli("deploy", "bundle")  # the other targets are not held up by it
 
 
 def test_unknown_target(cli: CLI):
