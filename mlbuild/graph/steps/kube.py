@@ -121,10 +121,15 @@ class KubeStep(Step):
                 return f"output {rel} missing"
         if not outputs.get("applied"):
             return None
-        from mlbuild.kube import rollout
+        from mlbuild.kube import probe, rollout
 
-        client = connect(ctx.target)
-        dep = client.get("Deployment", outputs["deployment"])
+        settings = ctx.target.kube
+        try:  # the standard library where the kubeconfig allows (kube/probe.py says why)
+            dep = probe.get_deployment(settings.context, settings.namespace,
+                                       outputs["deployment"],
+                                       os.environ.get("MLBUILD_KUBECONFIG"))
+        except probe.Unsupported:
+            dep = connect(ctx.target).get("Deployment", outputs["deployment"])
         if dep is None:
             return f"Deployment {outputs['deployment']} is gone (deleted outside mlbuild)"
         seen = (dep["metadata"].get("annotations") or {}).get(render.FINGERPRINT_ANNOTATION)
