@@ -161,6 +161,10 @@ def test_status_and_logs(proj, kube, ctl):
     for pod in pods:
         name = pod["metadata"]["name"]
         assert f"[{name}] hello from {name}" in r.stdout, r.stdout
+    # A ClusterIP service has no address from here: invoke says how to get one.
+    r = proj.mlbuild("invoke", "diabetes", "-t", "staging", "--data", "{}", check=3)
+    assert f"kubectl port-forward svc/{proj.name}-diabetes 8080:80 -n {NS}" in r.stderr
+    assert "--url http://127.0.0.1:8080" in r.stderr
 
 
 def test_crash_looping_release_fails_fast_and_rolls_back(proj, ctl):
