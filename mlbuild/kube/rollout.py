@@ -169,20 +169,11 @@ def evaluate(deployment: Mapping, pods: Iterable[Mapping] = (), events: Iterable
         The verdict: Healthy and done, Failed/Unschedulable and failed, or Transitioning
         (Unschedulable while the scheduler cannot place a new pod).
     """
-    d = _Counts.of(deployment)
-    judged, events = _judged(pods, revision_hash), list(events)
-    base = dict(d.fields(), restarts=_restarts(judged))
-    if not d.observed:
-        return Verdict(TRANSITIONING, False, False, d.not_observed_reason, cause="NotObserved",
-                       **base)
-
-    problems = _problems(judged, events)
-    fatal = next((p for p in problems if p.fatal), None)
-    unschedulable = [p for p in problems if p.unschedulable]
-    deadline = _condition(deployment, "Progressing")
-    if deadline and deadline.get("reason") == TIMED_OUT:
-        return _deadline_verdict(d, deadline, fatal, unschedulable, base)
-
+    events = list(events)
+    d, base, problems, fatal, unschedulable, early = _look(deployment, pods, events,
+                                                          revision_hash)
+    if early is not None:
+        return early
     waiting = d.waiting()
     if waiting is None:
         return Verdict(HEALTHY, True, False, "successfully rolled out", cause="Complete", **base)
@@ -196,6 +187,28 @@ def evaluate(deployment: Mapping, pods: Iterable[Mapping] = (), events: Iterable
     if unschedulable:
         return _unschedulable_verdict(waiting, unschedulable, base, failed=False)
     return _transitioning(waiting, problems, base)
+
+
+def _look(deployment: Mapping, pods: Iterable[Mapping], events: Iterable[Mapping],
+          revision_hash: str | None):
+    """What :func:`evaluate` and :func:`status_of` both read first: the counts, the
+    judged pods' problems, and the verdict that needs nothing more (the spec not observed
+    yet, or the progress deadline passed), else None."""
+    d = _Counts.of(deployment)
+    judged = _judged(pods, revision_hash)
+    base = dict(d.fields(), restarts=_restarts(judged))
+    if not d.observed:
+        return d, base, [], None, [], Verdict(TRANSITIONING, False, False,
+                                              d.not_observed_reason, cause="NotObserved",
+                                              **base)
+    problems = _problems(judged, list(events))
+    fatal = next((p for p in problems if p.fatal), None)
+    unschedulable = [p for p in problems if p.unschedulable]
+    progressing = _condition(deployment, "Progressing")
+    early = None
+    if progressing and progressing.get("reason") == TIMED_OUT:
+        early = _deadline_verdict(d, progressing, fatal, unschedulable, base)
+    return d, base, problems, fatal, unschedulable, early
 
 
 def status_of(deployment: Mapping, pods: Iterable[Mapping] = (), events: Iterable[Mapping] = (),
@@ -225,19 +238,11 @@ def status_of(deployment: Mapping, pods: Iterable[Mapping] = (), events: Iterabl
     Returns:
         The verdict; ``done`` and ``failed`` keep :func:`evaluate`'s meaning.
     """
-    d = _Counts.of(deployment)
-    judged, events = _judged(pods, revision_hash), list(events)
-    base = dict(d.fields(), restarts=_restarts(judged))
-    if not d.observed:
-        return Verdict(TRANSITIONING, False, False, d.not_observed_reason, cause="NotObserved",
-                       **base)
-
-    problems = _problems(judged, events)
-    fatal = next((p for p in problems if p.fatal), None)
-    unschedulable = [p for p in problems if p.unschedulable]
-    progressing = _condition(deployment, "Progressing")
-    if progressing and progressing.get("reason") == TIMED_OUT:
-        return _deadline_verdict(d, progressing, fatal, unschedulable, base)
+    events = list(events)
+    d, base, problems, fatal, unschedulable, early = _look(deployment, pods, events,
+                                                          revision_hash)
+    if early is not None:
+        return early
     if fatal:
         return _problem_verdict(FAILED if d.ready == 0 else UNHEALTHY, fatal, base,
                                 prefix=f"{d.ready} of {d.desired} replicas ready; ")
@@ -256,6 +261,7 @@ def status_of(deployment: Mapping, pods: Iterable[Mapping] = (), events: Iterabl
     if waiting is None:
         return Verdict(HEALTHY, True, False, f"{d.available} of {d.desired} replicas available",
                        cause="Complete", **base)
+    progressing = _condition(deployment, "Progressing")
     rolling = progressing is not None and progressing.get("reason") != COMPLETE
     if rolling or d.updated < (d.spec_replicas or 0) or d.replicas > d.updated:
         return _transitioning(waiting, problems, base)
