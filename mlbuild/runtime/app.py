@@ -124,7 +124,11 @@ class AccessLog:
     def line(self, method: str, path: str, status: int, seconds: float, rid: bytes,
              length: bytes | None = None) -> None:
         """Record one request: ``seconds`` it took, ``rid`` its request id, ``length``
-        the response's content-length (None: streamed)."""
+        the response's content-length (None: streamed). A path with control characters
+        (``%0a`` is decoded before we see it) is written escaped: a client cannot forge
+        a log line or send escape sequences to a terminal that shows the log."""
+        if not path.isprintable():
+            path = path.encode("unicode_escape").decode("ascii")
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -748,6 +752,10 @@ class ScoringApp:
             except ValueError as exc:
                 await _respond(send, 400, _error(400, f"invalid JSON in request body: {exc}"),
                                JSON, headers)
+                return 400
+            except RecursionError:  # json's C decoder counts its depth against Python's
+                await _respond(send, 400, _error(400, "invalid JSON in request body: nested "
+                                                 "too deeply"), JSON, headers)
                 return 400
             if scorer.spread_json:
                 if not isinstance(arg, dict):

@@ -222,3 +222,40 @@ def test_generator_result_is_streamed_chunk_by_chunk(start_server, tmp_path):
     assert first == b"tok0 "  # the first token arrives before the generator finished
     assert first + resp.read() == b"tok0 tok1 tok2 "
     conn.close()
+
+
+def test_deeply_nested_json_is_a_400_and_the_server_keeps_serving(start_server, tmp_path):
+    script = write_script(tmp_path, """
+        from inference_schema.schema_decorators import input_schema
+        from inference_schema.parameter_types.standard_py_parameter_type import (
+            StandardPythonParameterType)
+
+        def init():
+            pass
+
+        @input_schema("data", StandardPythonParameterType([1]))
+        def run(data):
+            return data
+    """)
+    server = start_server(["--entry-script", str(script)])
+    deep = b'{"data": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    resp = server.post(body=deep, headers={"Content-Type": "application/json",
+                                           "x-request-id": "deep-1"})
+    assert resp.status == 400, resp.body
+    assert resp.json()["status_code"] == 400 and resp.headers["x-request-id"] == "deep-1"
+    assert server.post(body=b'{"data": [1]}',
+                       headers={"Content-Type": "application/json"}).json() == [1]
+    assert 'status="400"' in server.get("/metrics").text or "400" in server.get("/metrics").text
+
+
+def test_access_log_escapes_control_characters_in_the_path(start_server, tmp_path):
+    server = start_server(["--entry-script", str(write_script(tmp_path, RAW_STRING_SCRIPT))])
+    server.get("/x%0a2026-01-01%2000:00:00,000%20I%20[1]%20azmlinfsrv.access%20-%20POST"
+               "%20/score%20200%1b[31m")
+    server.stop()
+    lines = server.output().splitlines()
+    forged = [ln for ln in lines if ln.startswith("2026-01-01 00:00:00,000")]
+    assert not forged, forged
+    assert any("GET /x\\n2026-01-01" in ln and "\\x1b[31m" in ln and " 404 " in ln
+               for ln in lines), lines
+    assert not any("\x1b" in ln for ln in lines)
