@@ -165,11 +165,13 @@ class ContainerStep(RunningServiceStep):
         eng.remove_container(retired, stop_timeout=int(GRACEFUL_TIMEOUT) + 5)
         old = eng.container_state(name)
         ctx.log(f"  starting    {candidate} from {image} on {HOST}:{port}")
-        eng.run_container(candidate, image, network_mode="host", restart="unless-stopped",
-                          env=env, labels=labels, cpus=target.cpu,
-                          memory=f"{int(target.memory_gb * 1024)}m" if target.memory_gb
-                          else None, mounts=mounts, step_id=self.id)
         try:
+            # NOTE: inside the try: a Ctrl-C while the engine creates or starts it must
+            # not leave NAME-next behind.
+            eng.run_container(candidate, image, network_mode="host", restart="unless-stopped",
+                              env=env, labels=labels, cpus=target.cpu,
+                              memory=f"{int(target.memory_gb * 1024)}m" if target.memory_gb
+                              else None, mounts=mounts, step_id=self.id)
             self._wait_or_fail(eng, candidate, health_port, port,
                                had_old=old is not None and old.running)
         except BaseException:
