@@ -511,9 +511,13 @@ def _observe(root: Path, target: str, name: str, ttype: str, dep: dict,
 
     last: list[str] = []
     if ttype == "kubernetes":
+        from mlbuild.errors import MlbuildError
         from mlbuild.kube import ops
 
-        state, detail, last = ops.observe(dep)
+        try:
+            state, detail, last = ops.observe(dep)
+        except MlbuildError as e:  # one unreachable cluster must not hide the rest
+            state, detail = "Unknown", f"cannot ask the cluster: {e.message}"
     elif ttype == "docker":
         state, detail = container.observe(dep)
     else:
@@ -557,20 +561,16 @@ def logs(service: str, directory=".", file=None, target: str | None = None,
     with session(directory, file) as s:
         t = _running_target(s.project, target)
         dep = s.db.get_deployment(t.name, service)
+        if t.type in ("kubernetes", "docker") and dep is None:
+            _service_of(s.project, service)
+            raise InvalidInput(f"service {service!r} is not deployed to target {t.name!r}",
+                               hint=f"run mlbuild deploy {t.name}")
         if t.type == "kubernetes":
-            if dep is None:
-                _service_of(s.project, service)
-                raise InvalidInput(f"service {service!r} is not deployed to target {t.name!r}",
-                                   hint=f"run mlbuild deploy {t.name}")
             from mlbuild.kube import ops
 
             yield from ops.logs(dep, lines, follow)
             return
         if t.type == "docker":
-            if dep is None:
-                _service_of(s.project, service)
-                raise InvalidInput(f"service {service!r} is not deployed to target {t.name!r}",
-                                   hint=f"run mlbuild deploy {t.name}")
             from mlbuild.backends.docker import connect
 
             eng = connect()

@@ -161,6 +161,13 @@ def test_status_and_logs(proj, kube, ctl):
     for pod in pods:
         name = pod["metadata"]["name"]
         assert f"[{name}] hello from {name}" in r.stdout, r.stdout
+    # An unreachable cluster: status still answers, for every target, and says why.
+    cfg = proj.root.parent / "unreachable-kubeconfig"
+    cfg.write_text(proj.kubeconfig.read_text().replace(kube.url, "http://127.0.0.1:9"))
+    st = json.loads(proj.mlbuild("--json", "status", KUBECONFIG=str(cfg)).stdout)
+    k8s = [x for x in st if x["target"] == "staging" and x["service"] == "diabetes"]
+    assert k8s and k8s[0]["state"] == "Unknown", st
+    assert "cannot ask the cluster" in k8s[0]["detail"]
     # A ClusterIP service has no address from here: invoke says how to get one.
     r = proj.mlbuild("invoke", "diabetes", "-t", "staging", "--data", "{}", check=3)
     assert f"kubectl port-forward svc/{proj.name}-diabetes 8080:80 -n {NS}" in r.stderr
