@@ -387,6 +387,14 @@ def invoke(o: Obj, service, target, data, content_type, timeout, url):
             raise InvalidInput(f"--data {data}: {e.strerror}") from e
     else:
         body = data.encode()
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        try:  # broken JSON is the caller's to fix, not the service's 500 to answer
+            json.loads(body)
+        except ValueError as e:
+            where = f"--data {data}" if data.startswith("@") or data == "-" else "--data"
+            raise InvalidInput(f"{where} is not valid JSON: {e}",
+                               hint="fix it, or send it as it is with --content-type "
+                                    "text/plain") from None
     r = api.invoke(service, body, target=target, content_type=content_type, timeout=timeout,
                    url=url, **o.where)
     if o.json:

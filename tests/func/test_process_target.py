@@ -270,13 +270,19 @@ def test_invoke_errors(dev):
     r = cli("invoke", "diabetis", "--data", "{}", check=3)
     assert "did you mean 'diabetes'" in r.stderr
     cli("deploy", timeout=300)
+    # Broken JSON is said here, where it is broken, and never sent.
+    r = cli("invoke", "diabetes", "--data", '{"data": [[1,2,3]', check=3)
+    assert "--data is not valid JSON: Expecting ',' delimiter: line 1 column 18" in r.stderr
+    assert "Traceback" not in r.stderr
     # An undecorated run(raw_data) parses the body itself (Azure's contract): its
     # exception is the service's 500, and invoke exits 1 saying so.
-    r = cli("invoke", "diabetes", "--data", "not json", check=1)
+    r = cli("invoke", "diabetes", "--data", "not json", "--content-type", "text/plain",
+            check=1)
     assert "answered 500" in r.stderr and "An unexpected error occurred" in r.stdout
     assert "JSONDecodeError" not in r.stdout  # the script's error stays in the service's log
     # --json: the answer is the one JSON document on stdout, the exit status still 1.
-    r = cli("--json", "invoke", "diabetes", "--data", "not json", check=1)
+    r = cli("--json", "invoke", "diabetes", "--data", "not json", "--content-type",
+            "text/plain", check=1)
     assert json.loads(r.stdout)["status"] == 500
     r = cli("invoke", "diabetes", "--data", "@missing.json", check=3)
     assert "missing.json" in r.stderr
