@@ -25,6 +25,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from mlbuild.errors import Problem
+
+STATE_FOLDER = ".mlbuild"  # mlbuild.state.db.STATE_DIR (not imported: it brings sqlite3)
 from mlbuild.fsutil import resolves_outside
 from mlbuild.kube.settings import SERVICE_TYPES, Autoscale, Ingress, KubeSettings, Liveness
 from mlbuild.manifest import nocode
@@ -177,6 +179,12 @@ class _Builder:
         rel = posixpath.normpath(value)
         if rel == ".." or rel.startswith("../"):
             self.add(path, f"{value!r} points outside the project folder")
+            return None
+        if rel.split("/", 1)[0] == STATE_FOLDER:
+            # It holds the state database with every service's keys: a model or source
+            # folder inside it would carry them into a build context and a package.
+            self.add(path, f"{value!r} is inside {STATE_FOLDER}/, mlbuild's state folder "
+                           "(it holds the keys): point at a file or folder of your own")
             return None
         full = os.path.join(self.root, rel)
         try:

@@ -110,6 +110,13 @@ class StateDB:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self.state_dir.stat().st_mode & 0o077:
                 os.chmod(self.state_dir, 0o700)
+            # The database itself 0600 too (SQLite gives its -wal and -shm the same mode):
+            # a folder's mode is lost when it is copied or unpacked elsewhere.
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                if f.exists() and f.stat().st_mode & 0o077:
+                    os.chmod(f, 0o600)
         except OSError as e:
             raise StateError(f"cannot create the state folder {self.state_dir}: {e.strerror}") from e
         self._depth = 0

@@ -219,6 +219,17 @@ class Registry:
             files = [(f"{src.name}/{rel}", p) for rel, p in walk_files(src)]
             if not files:
                 raise InvalidInput(f"cannot register {src}: the folder holds no files")
+            # A link that leaves the folder would register (and ship) another file's
+            # content -- /etc/passwd, a key -- under the model's name.
+            from mlbuild.fsutil import resolves_outside
+
+            root = os.path.realpath(src)
+            for rel, p in files:
+                real = resolves_outside(root, p)
+                if real is not None:
+                    raise InvalidInput(f"cannot register {src}: {rel.split('/', 1)[1]} is a "
+                                       f"link to {real}, outside the folder",
+                                       hint="copy the file into the folder, or remove the link")
         else:
             files = [(src.name, src)]
         listing = [(rel, self.digests.file(p), p.stat().st_size) for rel, p in files]

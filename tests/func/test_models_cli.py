@@ -95,3 +95,20 @@ def test_init_scaffolds_a_project_that_deploys(tmp_path: Path):
     assert (proj / "dist/package/my-proj/Dockerfile").exists()
     r = cli("init", check=3)
     assert "already exists" in r.stderr
+
+
+def test_register_refuses_a_link_that_leaves_the_folder(tmp_path: Path):
+    cli = CLI(tmp_path / "proj")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "secret.txt").write_text("not a model")
+    folder = tmp_path / "proj" / "outputs"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"w")
+    (folder / "inside.bin").symlink_to(folder / "weights.bin")  # stays inside: fine
+    (folder / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    r = cli("models", "register", "outputs", "--name", "m", check=3)
+    assert f"leak.txt is a link to {tmp_path / 'secret.txt'}, outside the folder" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert cli.json("models", "list") == []
+    (folder / "leak.txt").unlink()
+    assert cli.json("models", "register", "outputs", "--name", "m")["version"] == 1

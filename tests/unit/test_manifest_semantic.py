@@ -571,3 +571,16 @@ def test_runtime_limits_on_process_and_docker_targets(proj: Path):
     assert p.targets["local"].runtime_env() == {"MLBUILD_MAX_CONCURRENT_REQUESTS": "2"}
     # Unset, nothing enters the config: existing targets keep their fingerprints.
     assert "scoring_timeout_ms" not in p.targets["local"].config()
+
+
+def test_paths_inside_the_state_folder_are_refused(proj: Path):
+    (proj / ".mlbuild").mkdir()
+    (proj / ".mlbuild/state.db").write_text("keys")
+    msgs = problems(proj, BASE.replace("path: models/model.pkl", "path: .mlbuild/state.db")
+                    .replace("entry_script: src/score.py",
+                             "entry_script: src/score.py\n    source_dir: ./.mlbuild"))
+    assert "mlproject.yaml:4: models.ridge.path: '.mlbuild/state.db' is inside .mlbuild/, " \
+           "mlbuild's state folder (it holds the keys): point at a file or folder of your " \
+           "own" in msgs, msgs
+    assert any("services.diabetes.source_dir: './.mlbuild' is inside .mlbuild/" in m
+               for m in msgs), msgs

@@ -559,3 +559,17 @@ def test_link_or_copy_and_write_atomic(tmp_path):
     assert target.read_text() == "two"
     assert target.stat().st_ino != ino  # a new file, never rewritten in place
     assert sorted(p.name for p in target.parent.iterdir()) == ["w.txt"]
+
+
+def test_state_database_is_its_owners_alone(tmp_path):
+    """It holds every service's keys: 0600, its WAL too, and an old 0644 one is fixed."""
+    sd = tmp_path / ".mlbuild"
+    db = StateDB(sd)  # its schema is written: the WAL files exist while it is open
+    try:
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in sd.glob("state.db*")}
+    finally:
+        db.close()
+    assert modes["state.db"] == 0o600 and set(modes.values()) == {0o600}, modes
+    os.chmod(sd / "state.db", 0o644)
+    StateDB(sd).close()
+    assert stat.S_IMODE((sd / "state.db").stat().st_mode) == 0o600
