@@ -220,7 +220,8 @@ def build(o: Obj, target, force, jobs, frozen):
 @click.option("--frozen", is_flag=True,
               help="Never write lock files: fail when one does not match its spec (CI).")
 @click.option("--offline", is_flag=True,
-              help="Package targets: include every wheel, so the image builds without network.")
+              help="Package and docker targets: include every wheel (and conda package), so "
+                   "the image builds without network.")
 @click.option("--force-conflicts", is_flag=True,
               help="Kubernetes targets: take over fields another field manager owns.")
 @pass_obj
@@ -440,7 +441,7 @@ _SERVICE_FLAGS = ("--port", "--host", "--reload")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                               "help_option_names": ["-h", "--help"]})
+                               "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @pass_obj
 def serve(o: Obj, args):
@@ -462,6 +463,15 @@ def serve(o: Obj, args):
     import os
 
     args = list(args)
+    if args in (["-h"], ["--help"]):  # both forms' options: the runtime's are not click's
+        from mlbuild.runtime.__main__ import build_parser
+
+        click.echo(click.get_current_context().get_help())
+        click.echo("\nOptions of mlbuild serve SERVICE:\n  --port N     (default 5001)\n"
+                   "  --host H     (default 127.0.0.1)\n  --reload     restart on every "
+                   "change\n\nOptions of the one-script form (the runtime's):")
+        click.echo(build_parser(prog="mlbuild serve").format_help())
+        return
     if not args and not (os.environ.get("AZUREML_ENTRY_SCRIPT")
                          or os.environ.get("MLBUILD_ENTRY_SCRIPT")):
         from mlbuild.errors import InvalidInput

@@ -597,7 +597,8 @@ class _Builder:
                 return None
             names = set(_mapping(self.data.get("targets"))) or set(targets)
             if name not in names:
-                self.add(("default_target",), f"no target {name!r}" + did_you_mean(name, names))
+                self.add(("default_target",), f"no target {name!r}" + (
+                    did_you_mean(name, names) or f" (targets: {', '.join(sorted(names))})"))
             return name
         if "dev" in targets:
             return "dev"

@@ -410,3 +410,15 @@ def test_status_and_down_work_with_a_broken_manifest(dev):
     assert "does not load" in cli("status", "dev").stdout
     assert "stopped diabetes" in cli("down", "dev").stdout
     assert gone(pid)
+
+
+def test_serve_help_lists_both_forms_options():
+    r = subprocess.run([sys.executable, "-m", "mlbuild", "serve", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for option in ("--reload", "--entry-script", "--model-dir", "--health-port", "--workers",
+                   "--config-file", "--appinsights-instrumentation-key", "--cors-origins"):
+        assert option in r.stdout, option
+    d = subprocess.run([sys.executable, "-m", "mlbuild", "deploy", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert "Package and docker targets" in d.stdout and "--force-conflicts" in d.stdout

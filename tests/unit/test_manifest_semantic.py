@@ -584,3 +584,8 @@ def test_paths_inside_the_state_folder_are_refused(proj: Path):
            "own" in msgs, msgs
     assert any("services.diabetes.source_dir: './.mlbuild' is inside .mlbuild/" in m
                for m in msgs), msgs
+
+
+def test_unknown_default_target_lists_the_targets(proj: Path):
+    msgs = problems(proj, BASE + "  bundle: {type: package}\ndefault_target: prod\n")
+    assert msgs == ["mlproject.yaml:16: default_target: no target 'prod' (targets: bundle, dev)"]
