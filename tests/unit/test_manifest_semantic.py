@@ -358,7 +358,7 @@ def test_many_problems_at_once_sorted_by_line(proj: Path):
         "mlproject.yaml:12: services.diabetes.models[0]: no model 'rdge' (did you mean 'ridge'?)",
         "mlproject.yaml:14: targets.local.type: 'dockr' is not one of process, docker, "
         "kubernetes, package (did you mean 'docker'?)",
-        "mlproject.yaml:15: default_target: no target 'stagin'",
+        "mlproject.yaml:15: default_target: no target 'stagin' (targets: local)",
     ]
 
 
