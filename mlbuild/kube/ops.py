@@ -16,42 +16,44 @@ from mlbuild.kube.client import APPLIED_KINDS, KubeClient
 _RECORD_KEY = "kube"
 
 
-def is_kube(record: dict) -> bool:
-    return _RECORD_KEY in record
-
-
 def client_of(record: dict) -> KubeClient:
-    import os
-
     k = record[_RECORD_KEY]
-    return KubeClient(k["context"], k["namespace"],
-                      kubeconfig=os.environ.get("MLBUILD_KUBECONFIG"))
+    return KubeClient(k["context"], k["namespace"])
+
+
+def pods_of(client: KubeClient, dep: dict) -> tuple[list[dict], str | None]:
+    """The Deployment's pods (its selector's) and its new ReplicaSet's pod-template-hash,
+    which tells the new pods from the old (kube/rollout.py)."""
+    from mlbuild.kube import rollout
+
+    selector = dep["spec"]["selector"]["matchLabels"]
+    return (client.list("Pod", selector),
+            rollout.revision_hash_of(dep, client.list("ReplicaSet", selector)))
 
 
 def observe(record: dict) -> tuple[str, str, list[str]]:
     """``(state, detail, last log lines)`` of a recorded service, from its live
     Deployment and pods (the last lines only when it Failed)."""
+    from mlbuild.backends.process import FAILED, HEALTHY
     from mlbuild.kube import rollout
 
     client = client_of(record)
     name = record[_RECORD_KEY]["deployment"]
     dep = client.get("Deployment", name)
     if dep is None:
-        return "Failed", f"Deployment {name} is gone (deleted outside mlbuild)", []
-    selector = dep["spec"]["selector"]["matchLabels"]
-    pods = client.list("Pod", selector)
-    v = rollout.status_of(dep, pods, revision_hash=rollout.revision_hash_of(
-        dep, client.list("ReplicaSet", selector)))
+        return FAILED, f"Deployment {name} is gone (deleted outside mlbuild)", []
+    pods, new_hash = pods_of(client, dep)
+    v = rollout.status_of(dep, pods, revision_hash=new_hash)
     detail = f"{v.ready}/{v.desired} ready"
     if v.restarts:
         detail += f", {v.restarts} restarts"
-    if v.state != "Healthy" and v.reason:
+    if v.state != HEALTHY and v.reason:
         detail += f"; {v.reason}"
     seen = (dep["metadata"].get("annotations") or {}).get(render.FINGERPRINT_ANNOTATION)
     if seen != record["fingerprint"]:
         detail += "; changed outside mlbuild (another fingerprint)"
     last: list[str] = []
-    if v.state == "Failed" and v.failing_pod and v.failing_container:
+    if v.state == FAILED and v.failing_pod and v.failing_container:
         last = list(client.logs(v.failing_pod, v.failing_container, tail=5,
                                 previous=v.logs_previous))
     return v.state, detail, last

@@ -332,6 +332,13 @@ def render_target(project: str, services: Iterable[ServiceInput],
     return files
 
 
+def objects_of(files: dict[str, str]) -> list[dict]:
+    """The objects of :func:`render_target`'s files, in apply order (the kustomization
+    left out): what a deploy applies is exactly what it wrote."""
+    return [yaml.load(text, Loader=_Loader) for name, text in files.items()
+            if name != KUSTOMIZATION_FILE]
+
+
 def secret_object(project: str, service: str, namespace: str, primary: str,
                   secondary: str) -> dict:
     """The Secret with a service's keys, for the deploy step to apply and for

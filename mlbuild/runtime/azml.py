@@ -28,7 +28,6 @@ telemetry; the script still sees the variables), ``WORKER_TIMEOUT`` and
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys
@@ -44,8 +43,6 @@ CONFIG_KEYS = ("AML_APP_ROOT", "AZUREML_SOURCE_DIRECTORY", "AZUREML_ENTRY_SCRIPT
                "APP_INSIGHTS_LOG_RESPONSE_ENABLED", "AML_CORS_ORIGINS", "AZUREML_MODEL_DIR",
                "HOSTNAME", "AZUREML_DEBUG_PORT")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z", re.I)
-
-log = logging.getLogger("azmlinfsrv")
 
 
 class ConfigFileError(ValueError):

@@ -29,7 +29,7 @@ import sys
 from http import HTTPStatus
 from urllib.parse import parse_qsl
 
-from mlbuild.runtime.logformat import AMLLogFormatter, RootAccessFilter
+from mlbuild.runtime.logformat import AMLLogFormatter, RootAccessFilter  # noqa: F401 - _MODULES
 from mlbuild.runtime.models import get_model_path
 
 RAWHTTP_ATTR = "_mlbuild_rawhttp"

@@ -22,6 +22,7 @@ import os
 import time
 
 from mlbuild.errors import InvalidInput, StepFailed
+from mlbuild.fsutil import write_atomic
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.kube import render
 from mlbuild.state import keys as keystore
@@ -38,13 +39,11 @@ def pinned_image(push: dict) -> str:
     return f"{repo}@{push['digest']}"
 
 
-def connect(target, kubeconfig: str | None = None):
+def connect(target):
     """The API client of a kubernetes target (imports lightkube: only now)."""
     from mlbuild.kube.client import KubeClient
 
-    s = target.kube
-    return KubeClient(s.context, s.namespace,
-                      kubeconfig=kubeconfig or os.environ.get("MLBUILD_KUBECONFIG"))
+    return KubeClient(target.kube.context, target.kube.namespace)
 
 
 def service_url(settings, service: str, svc_obj: dict | None) -> str | None:
@@ -60,14 +59,6 @@ def service_url(settings, service: str, svc_obj: dict | None) -> str | None:
                 return f"http://{host}:{settings.port}" if settings.port != 80 \
                     else f"http://{host}"
     return None
-
-
-def _write(path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a GitOps repo never sees half a
-    file, even after Ctrl-C)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class KubeStep(Step):
@@ -126,8 +117,7 @@ class KubeStep(Step):
         settings = ctx.target.kube
         try:  # the standard library where the kubeconfig allows (kube/probe.py says why)
             dep = probe.get_deployment(settings.context, settings.namespace,
-                                       outputs["deployment"],
-                                       os.environ.get("MLBUILD_KUBECONFIG"))
+                                       outputs["deployment"])
         except probe.Unsupported:
             dep = connect(ctx.target).get("Deployment", outputs["deployment"])
         if dep is None:
@@ -152,7 +142,7 @@ class KubeStep(Step):
         out.mkdir(parents=True, exist_ok=True)
         files = {}
         for name, text in texts.items():
-            _write(out / name, text)
+            write_atomic(out / name, text)  # a GitOps repo never sees half a file
             rel = f"{settings.out}/{name}"
             files[rel] = hash_file(out / name)
         result = {"files": files, "applied": settings.apply, "image": image,
@@ -175,8 +165,7 @@ class KubeStep(Step):
             primary, secondary = keystore.ensure(ctx.db, target.name, s.name)
             client.apply(render.secret_object(project.name, s.name, settings.namespace,
                                               primary, secondary), force=force)
-        objects = render.render_service(project.name, s.name, image, fingerprint, settings,
-                                        auth=s.auth, cors=tuple(s.cors))
+        objects = render.objects_of(texts)
         deployment = next(o for o in objects if o["kind"] == "Deployment")
         for obj in objects:
             client.apply(obj, force=force)
@@ -184,7 +173,7 @@ class KubeStep(Step):
                 f"{settings.namespace} ({client.context}); watching {name}")
         verdict = self._watch(ctx, client, name, settings.progress_deadline_s)
         if not verdict.done:
-            self._fail(ctx, client, name, verdict, serving, force)
+            self._fail(client, name, verdict, serving)
         svc_obj = client.get("Service", name)
         url = service_url(settings, s.name, svc_obj)
         ctx.db.put_deployment(target.name, s.name, {
@@ -197,7 +186,7 @@ class KubeStep(Step):
     def _watch(self, ctx: BuildContext, client, name: str, deadline_s: float):
         """Look every POLL seconds until the verdict is done or failed, or the deadline
         (the Deployment's own, plus slack for a controller that never says) passed."""
-        from mlbuild.kube import rollout
+        from mlbuild.kube import ops, rollout
 
         give_up = time.monotonic() + deadline_s + DEADLINE_SLACK
         said = None
@@ -205,9 +194,7 @@ class KubeStep(Step):
             dep = client.get("Deployment", name)
             if dep is None:
                 raise StepFailed(self.id, f"Deployment {name} vanished during the rollout")
-            selector = dep["spec"]["selector"]["matchLabels"]
-            pods = client.list("Pod", selector)
-            new_hash = rollout.revision_hash_of(dep, client.list("ReplicaSet", selector))
+            pods, new_hash = ops.pods_of(client, dep)
             # Events of the Deployment, its new ReplicaSet (FailedCreate) and its pods.
             about = [name] + ([f"{name}-{new_hash}"] if new_hash else []) + [
                 p["metadata"]["name"] for p in pods
@@ -223,7 +210,7 @@ class KubeStep(Step):
                 return verdict
             time.sleep(POLL)
 
-    def _fail(self, ctx, client, name: str, verdict, serving: dict | None, force: bool):
+    def _fail(self, client, name: str, verdict, serving: dict | None):
         lines: list[str] = []
         if verdict.failing_pod and verdict.failing_container:
             lines = list(client.logs(verdict.failing_pod, verdict.failing_container,
