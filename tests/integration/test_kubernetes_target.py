@@ -318,6 +318,13 @@ def test_gitops_mode_writes_files_only_and_prints_the_secret(proj, kube):
     secret = proj.mlbuild("keys", "diabetes", "-t", "gitops", "--secret").stdout
     assert "kind: Secret" in secret and f"name: {proj.name}-diabetes-keys" in secret
     assert "up to date" in proj.mlbuild("deploy", "gitops").stdout
+    # A model's resources hint (what profile writes) sizes the requests.
+    proj.set_manifest(r"^    framework_version: \"1.5\"\n",
+                      '    framework_version: "1.5"\n    resources: {cpu: 1.5, memory_gb: 2}\n')
+    out = json.loads(proj.mlbuild("--json", "deploy", "gitops").stdout)
+    assert "k8s:gitops/diabetes" in ran(out)
+    deployment = (proj.root / "dist/gitops/diabetes-deployment.yaml").read_text()
+    assert re.search(r'cpu: "1500m"\s+memory: "2048Mi"', deployment), deployment
 
 
 def test_down_deletes_exactly_what_mlbuild_applied(proj, kube):

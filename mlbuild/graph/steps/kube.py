@@ -71,9 +71,16 @@ class KubeStep(Step):
 
     def config(self, ctx: BuildContext) -> dict:
         t, s = ctx.target, self._service(ctx)
-        return {"name": ctx.project.name, "registry": ctx.project.registry,
-                f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth,
-                f"services.{s.name}.cors": list(s.cors)}
+        out = {"name": ctx.project.name, "registry": ctx.project.registry,
+               f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth,
+               f"services.{s.name}.cors": list(s.cors)}
+        for m in self._models(ctx):  # their resources hint sizes the requests
+            if m.resources is not None:
+                out[f"models.{m.name}.resources"] = m.resources.config()
+        return out
+
+    def _models(self, ctx: BuildContext) -> list:
+        return [ctx.project.models[r.name] for r in self._service(ctx).models]
 
     def extra(self, ctx: BuildContext) -> dict:
         s = self._service(ctx)
@@ -87,7 +94,8 @@ class KubeStep(Step):
         project, target, s = ctx.project, ctx.target, self._service(ctx)
         mine = render.render_target(project.name, [render.ServiceInput(
             name=s.name, image=image, fingerprint=fingerprint, auth=s.auth,
-            cors=tuple(s.cors))], target.kube)
+            cors=tuple(s.cors), resources=render.resources_hint(self._models(ctx)))],
+            target.kube)
         # The kustomization lists every service's files: the names alone, known without
         # their images (each service's step rewrites it the same way).
         listed = [f for other in sorted(project.services_for(target), key=lambda x: x.name)
