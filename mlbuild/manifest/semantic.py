@@ -452,19 +452,7 @@ class _Builder:
                     ranges[name] = used
             out_dir = None
             if ttype == "package":
-                written = t.get("out", f"dist/{name}")
-                out_dir = self.rel_path(written, base + ("out",), None)
-                if out_dir == ".":
-                    self.add(base + ("out",), "must be a folder below the project folder, "
-                                              "not the project folder itself")
-                elif out_dir is not None and (why := _out_overlaps(out_dir, inputs)):
-                    self.add(base + ("out",), why)
-                elif out_dir is not None:
-                    if out_dir in outs:
-                        self.add(base + ("out",), f"{out_dir!r} is already the out folder of "
-                                                  f"target {outs[out_dir]!r}")
-                    else:
-                        outs[out_dir] = name
+                out_dir = self.out_dir(name, t, inputs, outs)
             svc = t.get("services")
             services = None
             if isinstance(svc, list):
@@ -498,6 +486,26 @@ class _Builder:
                 line=self.line(base),
             )
         return out
+
+    def out_dir(self, name: str, t: dict, inputs: list[str], outs: dict[str, str]) -> str | None:
+        """A package or kubernetes target's ``out`` (default ``dist/<target>``): below the
+        project, clear of every input and of the other targets' (recorded in ``outs``);
+        None when it is not."""
+        base = ("targets", name)
+        written = t.get("out", f"dist/{name}")
+        out_dir = self.rel_path(written, base + ("out",), None)
+        if out_dir == ".":
+            self.add(base + ("out",), "must be a folder below the project folder, "
+                                      "not the project folder itself")
+        elif out_dir is not None and (why := _out_overlaps(out_dir, inputs)):
+            self.add(base + ("out",), why)
+        elif out_dir is not None and out_dir in outs:
+            self.add(base + ("out",), f"{out_dir!r} is already the out folder of "
+                                      f"target {outs[out_dir]!r}")
+        elif out_dir is not None:
+            outs[out_dir] = name
+            return out_dir
+        return None
 
     def kube_settings(self, name: str, t: dict, inputs: list[str],
                       outs: dict[str, str]) -> KubeSettings | None:
@@ -547,21 +555,7 @@ class _Builder:
         if isinstance(raw_ingress, dict) and _str(raw_ingress.get("host")):
             ingress = Ingress(host=raw_ingress["host"], class_name=_str(raw_ingress.get("class")),
                               tls_secret=_str(raw_ingress.get("tls_secret")))
-        written = t.get("out", f"dist/{name}")
-        out_dir = self.rel_path(written, base + ("out",), None)
-        if out_dir == ".":
-            self.add(base + ("out",), "must be a folder below the project folder, not the "
-                                      "project folder itself")
-            ok = False
-        elif out_dir is not None and (why := _out_overlaps(out_dir, inputs)):
-            self.add(base + ("out",), why)
-            ok = False
-        elif out_dir is not None and out_dir in outs:
-            self.add(base + ("out",), f"{out_dir!r} is already the out folder of target "
-                                      f"{outs[out_dir]!r}")
-            ok = False
-        elif out_dir is not None:
-            outs[out_dir] = name
+        out_dir = self.out_dir(name, t, inputs, outs)
         apply = t.get("apply", True)
         if not ok or out_dir is None:
             return None
