@@ -62,10 +62,31 @@ def _state(state_dir: Path, lock: bool, on_wait=_say) -> Iterator[StateDB]:
         if lk:
             lk.acquire()
         yield db
+    except MlbuildError as e:
+        _say_what_to_free(e, state_dir)
+        raise
+    except OSError as e:  # a write into .mlbuild, the project or a package
+        from mlbuild.state import space
+
+        err = space.from_os_error(e, state_dir)
+        if err is None:
+            raise
+        raise err from e
     finally:
         if lk:
             lk.release()
         db.close()
+
+
+def _say_what_to_free(e: MlbuildError, state_dir: Path) -> None:
+    """A step that failed on a full (or read-only) file system says what to do."""
+    from mlbuild.state import space
+
+    cause = e.__cause__
+    if e.hint is None and isinstance(cause, OSError):
+        err = space.from_os_error(cause, state_dir)
+        if err is not None:
+            e.hint = f"{err.message}: {err.hint}"
 
 
 @contextmanager
@@ -401,6 +422,28 @@ def init(directory=".", name: str | None = None, force: bool = False) -> list[st
     from mlbuild.scaffold import scaffold
 
     return scaffold(Path(directory), name, force)
+
+
+def state_reset(directory=".", file=None):
+    """Start a new state database after the old one was lost (deleted, emptied) or
+    damaged, keeping the blobs and taking back the services' keys, the deployed model
+    versions and the running process releases (see :mod:`mlbuild.state.recover`).
+    Refuses when the database is sound. Returns a ResetReport."""
+    from mlbuild.manifest import find_manifest
+    from mlbuild.state.lock import ProjectLock
+    from mlbuild.state.recover import reset
+
+    try:
+        root = find_manifest(Path(directory), file).parent
+    except InvalidInput:
+        if file:
+            raise
+        root = Path(directory)
+    state_dir = root / STATE_DIR
+    if not state_dir.is_dir():
+        raise InvalidInput(f"no state to reset: {state_dir} does not exist")
+    with ProjectLock(state_dir, on_wait=_say):
+        return reset(state_dir)
 
 
 # -- running services: status / logs / down / invoke / keys / serve ----------------------

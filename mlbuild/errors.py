@@ -105,6 +105,20 @@ class StateError(MlbuildError):
     exit_code = EXIT_BROKEN
 
 
+class StateCorrupt(StateError):
+    """The state database is damaged: SQLite cannot read it as a database."""
+
+
+class StateLost(StateError):
+    """The state database is missing, empty or without tables where the project had
+    one (its sidecar ``state.id``, its -wal file, blobs, keys or releases remain)."""
+
+
+class DiskFull(StateError):
+    """A write did not fit: the file system is full (or over quota). What did not fit
+    was not recorded; the state is as it was before."""
+
+
 class LockTimeout(MlbuildError):
     """Another mlbuild process holds the project lock for longer than we wait."""
 

@@ -6,25 +6,49 @@ manifest-validation cache and the plan cache. Writes happen in transactions
 that is interrupted or killed leaves the previous records and the next run redoes
 exactly the unfinished steps.
 
-The format is versioned (``SCHEMA_VERSION``). An unreadable or corrupt file, or one
-written by a newer mlbuild, raises :class:`StateError` naming the file to delete.
+The format is versioned (``SCHEMA_VERSION``): a file written by a newer mlbuild is
+refused. SQLite's refusals are told apart by their result code, not their text: a full
+disk (:class:`DiskFull`), a read-only file system, a database locked by another
+process, an I/O error (which may be any of these) and real damage
+(:class:`StateCorrupt`) each get their own message and hint. Only damage is worth
+moving the file aside for.
+
+A lost database is not a new project. ``state.id`` beside it records that one was
+created here; when state.db is then missing, empty or without tables, or any trace of
+an earlier state remains (its -wal file, blobs, keys, releases), opening it raises
+:class:`StateLost` and changes nothing -- instead of silently starting afresh and, at
+the next deploy, re-registering the models and generating new keys while the old
+service still runs. ``mlbuild state reset`` (:mod:`mlbuild.state.recover`) is the
+explicit way to start a new one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlbuild.errors import StateError
+from mlbuild import fsutil
+from mlbuild.errors import LockTimeout, StateCorrupt, StateError, StateLost
+from mlbuild.state import space
 
 SCHEMA_VERSION = 2
 STATE_DIR = ".mlbuild"
 DB_NAME = "state.db"
+ID_NAME = "state.id"  # written once the database exists: "this project has a state"
+RESET = "mlbuild state reset"
+
+# Folders that only a project which has had a state database holds: every verb opens
+# (and so creates) state.db before it writes any of them.
+TRACES = ("blobs", "secrets", "run", "contexts", "venvs", "logs")
+
+# SQLite primary result codes (the low byte of sqlite_errorcode).
+_BUSY, _LOCKED, _READONLY, _IOERR, _FULL, _CANTOPEN = 5, 6, 8, 10, 13, 14
 
 _KEYS_TABLE = """CREATE TABLE IF NOT EXISTS keys (
     target TEXT NOT NULL,
@@ -99,10 +123,16 @@ class StateDB:
         state_dir: the ``.mlbuild`` folder; created when missing.
 
     Raises:
-        StateError: the file is corrupt, unreadable, or from a newer mlbuild.
+        StateCorrupt: the file is damaged.
+        StateLost: the file is missing, empty or without tables where a state was.
+        DiskFull: a write did not fit (also raised by the methods that write).
+        LockTimeout: another process kept the database locked.
+        StateError: read-only, unopenable, an I/O error, or from a newer mlbuild.
     """
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, *, new: bool = False):
+        """``new``: make a new database even where traces of a lost one remain (what
+        ``mlbuild state reset`` does once it moved the remains aside)."""
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
         try:
@@ -110,6 +140,10 @@ class StateDB:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self.state_dir.stat().st_mode & 0o077:
                 os.chmod(self.state_dir, 0o700)
+            # Before SQLite sees the file: it deletes a -wal file whose database is
+            # empty, and the -wal may be all that is left of the lost state.
+            if not new and not self._has_content():
+                self._refuse_if_lost("is empty (0 bytes)" if self.path.exists() else "is missing")
             # The database itself 0600 too (SQLite gives its -wal and -shm the same mode):
             # a folder's mode is lost when it is copied or unpacked elsewhere.
             if not self.path.exists():
@@ -118,45 +152,167 @@ class StateDB:
                 if f.exists() and f.stat().st_mode & 0o077:
                     os.chmod(f, 0o600)
         except OSError as e:
-            raise StateError(f"cannot create the state folder {self.state_dir}: {e.strerror}") from e
+            raise space.from_os_error(e, self.state_dir) or StateError(
+                f"cannot create the state folder {self.state_dir}: {e.strerror}") from e
         self._depth = 0
+        self.conn = None
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
             self.conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise self._corrupt(e) from e
+            self._migrate(new)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, sqlite3.Error):
+                raise self._error(e) from e
+            raise
+        self._mark(new)
+
+    # -- what went wrong ------------------------------------------------------------
+
+    def _error(self, err: sqlite3.Error) -> StateError:
+        """The error to show for what SQLite said, told apart by its result code."""
+        code = getattr(err, "sqlite_errorcode", None)
+        name = getattr(err, "sqlite_errorname", None) or "?"
+        primary = code & 0xFF if code is not None else None
+        if primary == _FULL or primary == _IOERR and space.is_full(self.state_dir):
+            # (A full disk often shows as an I/O error: SQLITE_IOERR_SHMSIZE when the
+            # -shm file cannot grow, SQLITE_IOERR_WRITE.)
+            return space.disk_full(self.path, self.state_dir, needed="a few MB")
+        if primary == _READONLY or primary == _CANTOPEN and space.read_only(self.state_dir):
+            return space.not_writable(self.path, name)
+        if primary in (_BUSY, _LOCKED):
+            return LockTimeout(
+                f"the state database {self.path} stayed locked by another process for "
+                f"30 s ({name})",
+                hint="another mlbuild, or a program reading it (sqlite3, a backup), holds "
+                "it: let it finish or stop it, then run again; nothing was changed")
+        if primary == _CANTOPEN:
+            return StateError(
+                f"cannot open the state database {self.path} ({name})",
+                hint=f"check that {self.state_dir} exists and is yours to read and write "
+                f"(ls -ld {self.state_dir} {self.path}); nothing was changed")
+        if primary == _IOERR:
+            return StateError(
+                f"an I/O error on the state database {self.path} ({name}): the disk "
+                "failed, the file system is full or a network file system does not "
+                "support SQLite's locking",
+                hint=f"check the disk (dmesg, df -h {self.state_dir}) and that .mlbuild "
+                "is on a local file system, then run again. Do not move the file aside "
+                "for this: it is likely intact")
+        return self._corrupt(err)  # SQLITE_CORRUPT, SQLITE_NOTADB, a schema not ours
 
     def _corrupt(self, err: Exception) -> StateError:
-        return StateError(
+        return StateCorrupt(
             f"the state database {self.path} is unreadable: {err}",
-            hint=f"move it aside (mv {self.path} {self.path}.broken) and run again; "
-            "steps will be redone, and registered models must be registered again",
-        )
+            hint=f"restore it from a backup; or move it aside (mv {self.path} "
+            f"{self.path}.broken) and run {RESET}, which starts a new one keeping the "
+            "model blobs, the services' keys and the deployed model versions; steps will "
+            "be redone")
 
-    def _migrate(self) -> None:
-        row = None
+    # -- a lost database ------------------------------------------------------------
+
+    def _has_content(self) -> bool:
         try:
-            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.OperationalError:
-            pass  # a new, empty database
+            return self.path.stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
+    def traces(self) -> list[str]:
+        """What remains here of an earlier state database, described (``[]`` for a
+        folder that never had one)."""
+        sd = self.state_dir
+        found = []
+        try:
+            created = json.loads((sd / ID_NAME).read_text()).get("created", "?")
+            found.append(f"{ID_NAME} (made {created})")
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError):
+            found.append(ID_NAME)
+        wal = Path(f"{self.path}-wal")
+        if wal.exists() and wal.stat().st_size:
+            found.append(f"{wal.name} ({space.human(wal.stat().st_size)} of the last "
+                         "changes, without their database)")
+        for name in TRACES:
+            folder = sd / name
+            try:
+                entries = sorted(folder.iterdir())
+            except OSError:
+                continue
+            if not entries:
+                continue
+            if name == "blobs":
+                n = sum(1 for _ in folder.rglob("*") if _.is_file())
+                found.append(f"blobs/ ({n} model file{'s' if n != 1 else ''})")
+            elif name in ("secrets", "run"):
+                what = sorted(f"{t.name}/{s.name.removesuffix('.keys')}" for t in entries
+                              if t.is_dir() for s in t.iterdir())
+                label = "keys" if name == "secrets" else "releases"
+                found.append(f"{name}/ ({label} of {', '.join(what)})" if what else f"{name}/")
+            else:
+                found.append(f"{name}/")
+        if len(found) > 3:  # the caches say no more than the rest
+            found = [f for f in found if f.rstrip("/") not in ("contexts", "venvs", "logs")]
+        return found
+
+    def _refuse_if_lost(self, how: str) -> None:
+        traces = self.traces()
+        if not traces:
+            return
+        raise StateLost(
+            f"the state database {self.path} {how}, but this project had one: "
+            f"{self.state_dir} still holds {', '.join(traces)}. Nothing was changed: "
+            "starting afresh would register the models again and make new keys (clients "
+            "of the running services would get 401)",
+            hint=f"restore {self.path} from a backup (keep the {DB_NAME}-wal file beside "
+            f"it, if there is one); or, to start a new state that keeps the model blobs, "
+            f"the services' keys and the deployed model versions, run {RESET}. Running "
+            "services keep running either way")
+
+    def _mark(self, new: bool) -> None:
+        """Write ``state.id`` (once): from now on a missing database is a lost one."""
+        sidecar = self.state_dir / ID_NAME
+        if sidecar.exists() and not new:
+            return
+        data = {"id": secrets.token_hex(8),
+                "created": time.strftime("%Y-%m-%d %H:%M %z"),
+                "about": f"mlbuild made {DB_NAME} here; if it is missing or empty, it "
+                         f"was lost: restore it from a backup, or run {RESET}"}
+        try:
+            fsutil.write_atomic(sidecar, json.dumps(data, indent=1) + "\n")
+        except OSError:
+            pass  # (a full disk) written by the next run that opens the database
+
+    def _schema_row(self) -> tuple | None:
+        if not self.conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+            return None
+        return self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+
+    def _migrate(self, new: bool = False) -> None:
+        row = self._schema_row()
         if row is None:
             with self.transaction():
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self.conn.execute(stmt)
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            return
+                # Again under the write lock: another process may have just made it.
+                row = self._schema_row()
+                if row is None:
+                    if not new:
+                        self._refuse_if_lost("holds no state (no mlbuild tables)")
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            self.conn.execute(stmt)
+                    self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                                      (str(SCHEMA_VERSION),))
+            if row is None:
+                return
         version = int(row[0])
         if version > SCHEMA_VERSION:
             raise StateError(
                 f"the state database {self.path} was written by a newer mlbuild "
                 f"(format {version}, this one reads {SCHEMA_VERSION})",
-                hint="upgrade mlbuild, or move the file aside to start afresh",
+                hint=f"upgrade mlbuild; or, to start afresh, move the file aside and run {RESET}",
             )
         if version < SCHEMA_VERSION:
             with self.transaction():
@@ -177,32 +333,36 @@ class StateDB:
             return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.DatabaseError as e:
-            raise self._corrupt(e) from e
+        except sqlite3.Error as e:
+            raise self._error(e) from e
         self._depth = 1
         try:
             yield self.conn
-        except BaseException:
-            self._depth = 0
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
-            self._depth = 0
             self.conn.execute("COMMIT")
+        except BaseException as e:
+            # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): a second
+            # ROLLBACK would fail and hide the reason.
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(e, sqlite3.Error):
+                raise self._error(e) from e
+            raise
+        finally:
+            self._depth = 0
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:
             return self.conn.execute(sql, args).fetchall()
-        except sqlite3.DatabaseError as e:
-            raise self._corrupt(e) from e
+        except sqlite3.Error as e:
+            raise self._error(e) from e
 
     def execute(self, sql: str, args: tuple = ()) -> None:
         """One statement in its own transaction (or the current one)."""
-        try:
-            with self.transaction():
-                self.conn.execute(sql, args)
-        except sqlite3.DatabaseError as e:
-            raise self._corrupt(e) from e
+        with self.transaction():  # (which says what went wrong)
+            self.conn.execute(sql, args)
 
     # -- step records ---------------------------------------------------------------
 
@@ -291,7 +451,8 @@ class StateDB:
 
     def close(self) -> None:
         try:
-            self.conn.close()
+            if self.conn is not None:
+                self.conn.close()
         except sqlite3.Error:
             pass
 

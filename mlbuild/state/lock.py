@@ -63,8 +63,11 @@ class ProjectLock:
                         "MLBUILD_LOCK_TIMEOUT sets how long to wait",
                     ) from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError:
+            pass  # who holds it is only told to a waiting process (a full disk has no room)
         self.fd = fd
 
     def release(self) -> None:

@@ -33,6 +33,7 @@ from typing import Mapping
 
 from mlbuild.errors import InvalidInput, StateError
 from mlbuild.fsutil import clone_or_copy, link_or_copy
+from mlbuild.state import space
 from mlbuild.state.db import StateDB, dumps
 from mlbuild.state.digest import DigestCache, hash_json, walk_files
 
@@ -146,7 +147,14 @@ class Registry:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         before = os.stat(src)
-        clone_or_copy(src, tmp)
+        try:
+            clone_or_copy(src, tmp)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)  # a partial copy would only hold the space
+            if isinstance(e, OSError) and e.errno in space.NO_SPACE:
+                raise space.disk_full(self.blob_root, self.db.state_dir, needed=size,
+                                      what=f"the model file {src}") from e
+            raise
         after = os.stat(src)
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             tmp.unlink(missing_ok=True)
