@@ -247,7 +247,9 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
                 fail(i, outcome, e, e.message, started)
                 raise
             except OSError as e:
-                msg = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+                # Two names (a copy, a rename): both, the second being the one written.
+                where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+                msg = f"{e.strerror or e}: {where}" if e.filename else str(e)
                 err = StepFailed(spec.id, msg)
                 fail(i, outcome, err, msg, started)
                 raise err from e
