@@ -9,7 +9,10 @@ problems elsewhere, and collects every problem instead of stopping at the first:
   samples exist, are of the right kind, and stay inside the project (no absolute
   paths, no ``..``, no symlink that resolves outside);
 * names: ``<project>-<service>-<target>`` fits a Docker/Kubernetes name (63);
-* process/docker targets do not share a port, package targets do not share ``out``;
+* process/docker targets do not share a port; an ``out`` folder (package, kubernetes)
+  holds no path the project reads (model, code, samples, environment spec, lock file,
+  the manifest; also through a symlink) and no other target writes where a package
+  target replaces ``<out>/<service>``;
 * a service without an entry script has exactly one no-code model;
 * a service without an environment is a no-code one: it gets the default environment
   of its model's framework (:mod:`mlbuild.manifest.nocode`), added to the Project.
@@ -83,21 +86,10 @@ def _str(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _out_overlaps(out_dir: str, inputs: list[str]) -> str | None:
-    """Why a package ``out`` folder may not be used, or None.
-
-    mlbuild replaces and deletes what is below ``out``: it must not hold or lie inside
-    anything the project reads (``inputs``: normalised relative paths), nor mlbuild's
-    state or version control.
-    """
-    top = out_dir.split("/", 1)[0]
-    if top in (".mlbuild", ".git"):
-        return f"{out_dir!r} is inside {top}/: choose a folder of its own, e.g. dist/NAME"
-    for inp in inputs:
-        if inp == out_dir or inp.startswith(out_dir + "/") or out_dir.startswith(inp + "/"):
-            return (f"{out_dir!r} overlaps the project input {inp!r}: mlbuild replaces "
-                    "what is in out, so it must be a folder of its own, e.g. dist/NAME")
-    return None
+def _overlap(a: str, b: str) -> bool:
+    """Whether one of two normalised relative paths (``.``: the project) is, or lies
+    inside, the other."""
+    return a == b or "." in (a, b) or a.startswith(b + "/") or b.startswith(a + "/")
 
 
 def _is_number(value) -> bool:
@@ -113,6 +105,9 @@ class _Builder:
         self.root = manifest_path.parent
         self.root_real = os.path.realpath(self.root)
         self.problems: list[Problem] = []
+        # Where the package and kubernetes targets checked so far write:
+        # (path, "where target 'p' writes service s").
+        self.target_writes: list[tuple[str, str]] = []
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -214,9 +209,7 @@ class _Builder:
         models = self.models()
         envs = self.environments()
         services = self.services(models, envs)  # adds the no-code default environments
-        inputs = [m.path for m in models.values()]
-        inputs += [e.spec_file for e in envs.values() if e.spec_file]
-        inputs += [p for s in services.values() for p in (s.entry_script, s.source_dir) if p]
+        inputs = self.inputs(models, envs, services)
         targets = self.targets(set(services) | set(_mapping(self.data.get("services"))), inputs)
         default = self.default_target(targets)
         self.check_name_lengths(name, services, targets)
@@ -410,7 +403,8 @@ class _Builder:
         envs.setdefault(env.name, env)
         return env.name
 
-    def targets(self, service_names: set, inputs: list[str]) -> dict[str, Target]:
+    def targets(self, service_names: set,
+                inputs: list[tuple[str, str | None, str]]) -> dict[str, Target]:
         declared = _mapping(self.data.get("targets"))
         if not declared:
             return {"dev": EMBEDDED_DEFAULT_TARGET}
@@ -452,7 +446,10 @@ class _Builder:
                     ranges[name] = used
             out_dir = None
             if ttype == "package":
-                out_dir = self.out_dir(name, t, inputs, outs)
+                listed = t.get("services")
+                out_dir = self.out_dir(name, t, inputs, outs, services=sorted(
+                    s for s in (listed if isinstance(listed, list) else service_names)
+                    if isinstance(s, str)))
             svc = t.get("services")
             services = None
             if isinstance(svc, list):
@@ -487,27 +484,120 @@ class _Builder:
             )
         return out
 
-    def out_dir(self, name: str, t: dict, inputs: list[str], outs: dict[str, str]) -> str | None:
+    def out_dir(self, name: str, t: dict, inputs: list[tuple[str, str | None, str]],
+                outs: dict[str, str], services: list[str] | None = None) -> str | None:
         """A package or kubernetes target's ``out`` (default ``dist/<target>``): below the
-        project, clear of every input and of the other targets' (recorded in ``outs``);
-        None when it is not."""
+        project, clear of every path the project reads (``inputs``, see :meth:`inputs`),
+        also through a symlink, and of what the other targets write (``outs``,
+        ``self.target_writes``); None when it is not.
+
+        Args:
+            services: a package target's services, each replaced as a whole in
+                ``<out>/<service>``; None for a kubernetes target, which writes in ``out``.
+        """
         base = ("targets", name)
         written = t.get("out", f"dist/{name}")
         out_dir = self.rel_path(written, base + ("out",), None)
+        if out_dir is None:
+            return None
         if out_dir == ".":
             self.add(base + ("out",), "must be a folder below the project folder, "
                                       "not the project folder itself")
-        elif out_dir is not None and (why := _out_overlaps(out_dir, inputs)):
+            return None
+        if why := self.out_overlaps(out_dir, inputs):
             self.add(base + ("out",), why)
-        elif out_dir is not None and out_dir in outs:
+            return None
+        if out_dir in outs:
             self.add(base + ("out",), f"{out_dir!r} is already the out folder of "
                                       f"target {outs[out_dir]!r}")
-        elif out_dir is not None:
-            outs[out_dir] = name
-            return out_dir
+            return None
+        mine = [(out_dir, None, f"the out folder of target {name!r}")] if services is None \
+            else [(f"{out_dir}/{s}", s, f"where target {name!r} writes service {s}")
+                  for s in services]
+        for path, service, _ in mine:
+            for other, what in self.target_writes:
+                if _overlap(path, other):
+                    self.add(base + ("out",), (
+                        f"{out_dir!r} overlaps" if service is None else
+                        f"{out_dir!r} writes service {service} to {path!r}, which overlaps")
+                        + f" {other!r} ({what}): each target needs a folder of its own")
+                    return None
+        outs[out_dir] = name
+        self.target_writes += [(path, what) for path, _, what in mine]
+        return out_dir
+
+    def out_overlaps(self, out_dir: str, inputs: list[tuple[str, str | None, str]]) -> str | None:
+        """Why ``out_dir`` may not be an out folder, or None.
+
+        mlbuild replaces and deletes what it wrote below ``out``: it must not hold or lie
+        inside anything the project reads, nor mlbuild's state or version control, as
+        written or once symlinks are resolved.
+        """
+        real = self.real_rel(out_dir)
+        forms = [(out_dir, "")] + ([(real, f" (really {real!r})")]
+                                   if real is not None and real != out_dir else [])
+        for form, shown in forms:
+            top = form.split("/", 1)[0]
+            if top in (STATE_FOLDER, ".git"):
+                return (f"{out_dir!r}{shown} is inside {top}/: choose a folder of its own, "
+                        "e.g. dist/NAME")
+        for path, path_real, what in inputs:
+            for form, shown in forms:
+                if _overlap(form, path):
+                    really = ""
+                elif path_real is not None and _overlap(form, path_real):
+                    really = f", really {path_real!r}"
+                else:
+                    continue
+                return (f"{out_dir!r}{shown} overlaps {path!r} ({what}{really}): mlbuild "
+                        "replaces what is in out, so it must be a folder of its own, "
+                        "e.g. dist/NAME")
         return None
 
-    def kube_settings(self, name: str, t: dict, inputs: list[str],
+    def real_rel(self, rel: str) -> str | None:
+        """``rel`` with its symlinks resolved, relative to the project (``.`` for the
+        project folder itself); None when it resolves outside."""
+        real = os.path.realpath(os.path.join(self.root, rel))
+        if resolves_outside(self.root_real, real) is not None:
+            return None
+        return "." if real == self.root_real else \
+            os.path.relpath(real, self.root_real).replace(os.sep, "/")
+
+    def inputs(self, models: dict, envs: dict, services: dict) -> list[tuple[str, str | None, str]]:
+        """Every path the project reads, as ``(path, path with symlinks resolved, what
+        it is)``: no out folder may hold or lie inside one. Empty when no target has an
+        out folder (the lock files' names come from the lock step's module)."""
+        targets = _mapping(self.data.get("targets")).values()
+        if not any(isinstance(t, dict) and t.get("type") in ("package", "kubernetes")
+                   for t in targets):
+            return []
+        # NOTE: imported here: the lock file naming rule lives with the lock step, and
+        # only a manifest with an out folder needs it.
+        import mlbuild
+        from mlbuild import resources
+        from mlbuild.graph.steps.lock import lock_path
+
+        found = [(self.manifest_path.name, "the manifest")]
+        found += [(m.path, f"models.{m.name}.path") for m in models.values()]
+        for e in envs.values():
+            found += [(p, f"environments.{e.name}.{key}")
+                      for key, p in (("conda", e.conda), ("requirements", e.requirements)) if p]
+            # The lock is committed beside its spec: the source of truth of every build.
+            found.append((lock_path(e), f"the lock file of environments.{e.name}"))
+        for s in services.values():
+            found += [(p, f"services.{s.name}.{key}") for key, p in (
+                ("entry_script", s.entry_script), ("source_dir", s.source_dir),
+                ("schema.input", s.schema_input), ("schema.output", s.schema_output)) if p]
+        # mlbuild's own files (the runtime copied into every context, the templates),
+        # where the project holds them: a checkout of mlbuild with its demo manifest.
+        for folder, what in ((os.path.dirname(mlbuild.__file__), "mlbuild's own source"),
+                             (str(resources.templates_dir()), "mlbuild's templates")):
+            rel = os.path.relpath(os.path.realpath(folder), self.root_real)
+            if resolves_outside(self.root_real, folder) is None and rel != ".":
+                found.append((rel.replace(os.sep, "/"), what))
+        return [(p, self.real_rel(p), what) for p, what in found]
+
+    def kube_settings(self, name: str, t: dict, inputs: list[tuple[str, str | None, str]],
                       outs: dict[str, str]) -> KubeSettings | None:
         """A kubernetes target's settings, every problem reported (the schema has
         checked types and ranges; these are the rules between keys)."""

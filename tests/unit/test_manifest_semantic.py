@@ -589,3 +589,114 @@ def test_paths_inside_the_state_folder_are_refused(proj: Path):
 def test_unknown_default_target_lists_the_targets(proj: Path):
     msgs = problems(proj, BASE + "  bundle: {type: package}\ndefault_target: prod\n")
     assert msgs == ["mlproject.yaml:16: default_target: no target 'prod' (targets: bundle, dev)"]
+
+
+# -- out folders clear of every path the project reads (issue 16, point 7) --------------
+
+OUT_TAIL = ("mlbuild replaces what is in out, so it must be a folder of its own, "
+            "e.g. dist/NAME")
+
+
+def _with_paths() -> str:
+    """BASE with a service reading every kind of path, and one environment of each kind."""
+    text = BASE.replace(
+        "    entry_script: src/score.py\n",
+        "    entry_script: src/score.py\n    source_dir: src\n"
+        "    schema: {input: samples/input.json, output: samples/output.json}\n")
+    return text.replace(
+        "  sklearn: {conda: envs/sklearn.yml}\n",
+        "  sklearn: {conda: envs/sklearn.yml}\n  pip: {requirements: envs/req.txt}\n"
+        "  inline: {packages: [numpy]}\n")
+
+
+@pytest.mark.parametrize("out, path, what", [
+    ("models", "models/model.pkl", "models.ridge.path"),
+    ("envs", "envs/sklearn.yml", "environments.sklearn.conda"),
+    ("envs/req.txt", "envs/req.txt", "environments.pip.requirements"),
+    # The lock files beside the specs (committed, the source of truth of the builds).
+    ("envs/req.lock.txt", "envs/req.lock.txt", "the lock file of environments.pip"),
+    ("envs/sklearn.conda-lock.yml", "envs/sklearn.conda-lock.yml",
+     "the lock file of environments.sklearn"),
+    ("locks", "locks/inline.lock.txt", "the lock file of environments.inline"),
+    ("src/pkg", "src", "services.diabetes.source_dir"),
+    ("samples", "samples/input.json", "services.diabetes.schema.input"),
+    ("mlproject.yaml", "mlproject.yaml", "the manifest"),
+])
+def test_out_may_not_overlap_any_path_the_project_reads(proj: Path, out, path, what):
+    (proj / "samples/output.json").write_text("x")
+    text = _with_paths()
+    (proj / "mlproject.yaml").write_text(text)
+    load_project(proj / "mlproject.yaml")  # valid as it is
+    msgs = problems(proj, text + f"  bundle: {{type: package, out: {out}}}\n")
+    assert msgs == [f"mlproject.yaml:19: targets.bundle.out: {out!r} overlaps {path!r} "
+                    f"({what}): {OUT_TAIL}"]
+
+
+def test_out_holding_the_schema_samples_of_its_service(proj: Path):
+    # The issue's case: samples under pkg/<service>/, which a deploy replaced.
+    (proj / "pkg/diabetes").mkdir(parents=True)
+    (proj / "pkg/diabetes/in.json").write_text("{}")
+    (proj / "pkg/diabetes/out.json").write_text("{}")
+    text = BASE.replace("    entry_script: src/score.py\n",
+                        "    entry_script: src/score.py\n"
+                        "    schema: {input: pkg/diabetes/in.json,"
+                        " output: pkg/diabetes/out.json}\n")
+    assert problems(proj, text + "  bundle: {type: package, out: pkg}\n") == [
+        f"mlproject.yaml:16: targets.bundle.out: 'pkg' overlaps 'pkg/diabetes/in.json' "
+        f"(services.diabetes.schema.input): {OUT_TAIL}"]
+    # a kubernetes target's out is checked the same way
+    assert problems(proj, text + "  k8s: {type: kubernetes, out: pkg/diabetes}\n") == [
+        f"mlproject.yaml:16: targets.k8s.out: 'pkg/diabetes' overlaps 'pkg/diabetes/in.json' "
+        f"(services.diabetes.schema.input): {OUT_TAIL}"]
+
+
+def test_out_through_a_symlink_onto_an_input(proj: Path):
+    (proj / "build").symlink_to(proj / "src")
+    (proj / "dist").mkdir()
+    (proj / "dist/link").symlink_to(proj / "samples")
+    text = _with_paths()
+    (proj / "samples/output.json").write_text("x")
+    msgs = problems(proj, text + "  a: {type: package, out: build/pkg}\n"
+                                 "  b: {type: package, out: dist/link}\n")
+    assert msgs == [
+        f"mlproject.yaml:19: targets.a.out: 'build/pkg' (really 'src/pkg') overlaps 'src' "
+        f"(services.diabetes.source_dir): {OUT_TAIL}",
+        f"mlproject.yaml:20: targets.b.out: 'dist/link' (really 'samples') overlaps "
+        f"'samples/input.json' (services.diabetes.schema.input): {OUT_TAIL}",
+    ]
+
+
+def test_out_folders_of_targets_do_not_nest_into_each_other(proj: Path):
+    # Package `out: dist` writes dist/diabetes/: no other target may write in there.
+    ok = BASE + "  p: {type: package, out: dist}\n  k8s: {type: kubernetes, out: dist/k8s}\n"
+    (proj / "mlproject.yaml").write_text(ok)
+    load_project(proj / "mlproject.yaml")
+    assert problems(proj, BASE + "  p: {type: package, out: dist}\n"
+                                 "  k8s: {type: kubernetes, out: dist/diabetes/k8s}\n") == [
+        "mlproject.yaml:16: targets.k8s.out: 'dist/diabetes/k8s' overlaps 'dist/diabetes' "
+        "(where target 'p' writes service diabetes): each target needs a folder of its own"]
+    assert problems(proj, BASE + "  k8s: {type: kubernetes, out: dist/diabetes}\n"
+                                 "  p: {type: package, out: dist}\n") == [
+        "mlproject.yaml:16: targets.p.out: 'dist' writes service diabetes to 'dist/diabetes', "
+        "which overlaps 'dist/diabetes' (the out folder of target 'k8s'): each target needs "
+        "a folder of its own"]
+    # a package target only writes the services it lists
+    (proj / "mlproject.yaml").write_text(
+        BASE + "  p: {type: package, out: dist, services: []}\n"
+               "  k8s: {type: kubernetes, out: dist/diabetes}\n")
+    load_project(proj / "mlproject.yaml")
+
+
+def test_out_clear_of_a_no_code_default_lock_and_of_mlbuild_itself(proj: Path, monkeypatch):
+    from mlbuild import resources
+
+    no_code = BASE.replace("    environment: sklearn\n    entry_script: src/score.py\n", "")
+    msgs = problems(proj, no_code + "  bundle: {type: package, out: locks}\n")
+    assert len(msgs) == 1 and "targets.bundle.out: 'locks' overlaps 'locks/_nocode-" in msgs[0] \
+        and "(the lock file of environments._nocode-scikit-learn-" in msgs[0], msgs
+    # A checkout of mlbuild holding the project: its templates are read by every build.
+    (proj / "tpl").mkdir()
+    monkeypatch.setattr(resources, "templates_dir", lambda: proj / "tpl")
+    assert problems(proj, BASE + "  bundle: {type: package, out: tpl/x}\n") == [
+        f"mlproject.yaml:15: targets.bundle.out: 'tpl/x' overlaps 'tpl' (mlbuild's templates): "
+        f"{OUT_TAIL}"]
