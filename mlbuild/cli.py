@@ -44,6 +44,7 @@ def _need_terminal(flag: str) -> None:
 # --json as click parsed it, and whether a command already printed its JSON: an error
 # after that (e.g. invoke's non-2xx answer) must not print a second document.
 _JSON = {"on": None, "written": False}
+_JSON_HELP = "Print one JSON document on stdout (an error too)."
 
 
 def _emit_json(data) -> None:
@@ -51,18 +52,48 @@ def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _json_after_the_verb(ctx: click.Context, param, value: bool) -> None:
+    if value:
+        obj = ctx.find_object(Obj)
+        if obj is not None:  # None only while click completes a command line
+            obj.json = True
+        _JSON["on"] = True
+
+
+class _Group(click.Group):
+    """A group whose every command (and subgroup) also takes ``--json`` after its name
+    (``mlbuild status --json``), the same flag as ``mlbuild --json status``.
+
+    NOTE: added here rather than by a decorator on each command, so a command added
+    later cannot forget it (tests/func/test_cli_json.py runs every command both ways).
+    """
+
+    group_class = type  # subgroups (`models`) are _Groups too
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(p.name == "json_after_verb" for p in cmd.params):
+            cmd.params.append(click.Option(["--json", "json_after_verb"], is_flag=True,
+                                           expose_value=False, callback=_json_after_the_verb,
+                                           help=_JSON_HELP))
+        super().add_command(cmd, name)
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-C", "directory", default=".", metavar="DIR", show_default=True,
               help="Run as if started in DIR.")
 @click.option("-f", "--file", "file", default=None, metavar="FILE",
               help="Manifest file (default: mlproject.yaml in DIR).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and more detail.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @click.version_option(__version__, prog_name="mlbuild")
 @click.pass_context
 def cli(ctx: click.Context, directory, file, verbose, as_json):
     """mlbuild: build and deploy ML model services from mlproject.yaml,
-    doing only the work whose inputs changed."""
+    doing only the work whose inputs changed.
+
+    --json, before or after a command's name, makes stdout one JSON document: the
+    result, or {"error": ...}. Not with logs -f (a stream) or serve (a server)."""
     ctx.obj = Obj(directory, file, verbose, as_json)
     _JSON["on"] = as_json
 
@@ -136,10 +167,30 @@ def plan(o: Obj, target):
               show_default=True)
 @pass_obj
 def graph(o: Obj, target, fmt):
-    """Print the step graph of TARGET."""
+    """Print the step graph of TARGET (with --json: its steps and their dependencies,
+    whatever --format says)."""
     from mlbuild import api
 
-    click.echo(api.graph(target=target, fmt=fmt, **o.where))
+    text = api.graph(target=target, fmt="text" if o.json else fmt, **o.where)
+    if o.json:
+        name = target or api.validate(**o.where).default_target
+        return _emit_json({"target": name, "steps": _graph_steps(text)})
+    click.echo(text)
+
+
+def _graph_steps(text: str) -> list[dict]:
+    """The text form of the graph, one ``ID  <- DEP, DEP`` a line, as data.
+
+    NOTE: read back from api.graph's text form (planner.render_graph) because api
+    returns only rendered forms; step ids hold no spaces or commas (the manifest's name
+    patterns), so this is exact. If api.graph grows a structured form, use that.
+    """
+    steps = []
+    for line in text.splitlines():
+        sid, _, deps = line.partition("  <- ")
+        steps.append({"id": sid, "kind": sid.split(":", 1)[0],
+                      "deps": deps.split(", ") if deps else []})
+    return steps
 
 
 class Reporter:
@@ -166,11 +217,15 @@ class Reporter:
 
 
 def _run_verb(o: Obj, verb: str, target, force: bool, **extra):
-    from mlbuild import api
+    from mlbuild import api, progress
 
     started = time.monotonic()
     fn = {"deploy": api.deploy, "build": api.build, "push": api.push}[verb]
-    r = fn(target=target, on_event=Reporter(o), force=force, **extra, **o.where)
+    # Builds, pushes and pulls show their progress on stderr (a live line on a
+    # terminal, plain lines at a bounded rate otherwise); with --json, none: stderr
+    # stays as quiet as the Reporter keeps it.
+    with progress.shown(None if o.json else progress.Display(sys.stderr)):
+        r = fn(target=target, on_event=Reporter(o), force=force, **extra, **o.where)
     took = time.monotonic() - started
     if o.json:
         return _emit_json({"target": r.target.name, "seconds": round(took, 3),
@@ -283,7 +338,8 @@ def clean(o: Obj, packages, everything, yes, images, keep):
 
     if everything and not yes:
         _need_terminal("--yes")
-        click.confirm("Remove .mlbuild, including every registered model version?", abort=True)
+        click.confirm("Remove .mlbuild, including every registered model version?",
+                      abort=True, err=o.json)  # with --json, stdout holds only the document
     removed = api.clean(packages=packages, everything=everything, **o.where)
     if o.json:
         return _emit_json({"removed": removed})
@@ -339,9 +395,21 @@ def status(o: Obj, target):
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
 @pass_obj
 def logs(o: Obj, service, target, lines, follow):
-    """Print the log of SERVICE on a process or docker target."""
+    """Print the log of SERVICE on a process or docker target (with --json:
+    {"service", "lines"}; not with -f, whose output never ends)."""
     from mlbuild import api
+    from mlbuild.errors import InvalidInput
 
+    if o.json:
+        if follow:
+            # NOTE: a followed log is a stream, and --json promises one document; JSON
+            # lines would break that promise for one command, so the pair is refused.
+            raise InvalidInput("--json with --follow: a followed log is a stream, not one "
+                               "JSON document",
+                               hint="drop -f to get the last lines as JSON, or drop --json "
+                                    "to follow the log")
+        found = list(api.logs(service, target=target, lines=lines, **o.where))
+        return _emit_json({"service": service, "lines": found})
     try:
         for line in api.logs(service, target=target, lines=lines, follow=follow, **o.where):
             click.echo(line)
@@ -425,7 +493,12 @@ def keys(o: Obj, service, target, regenerate, secret):
     from mlbuild import api
 
     if secret:
-        click.echo(api.keys_secret(service, target=target, **o.where), nl=False)
+        text = api.keys_secret(service, target=target, **o.where)
+        if o.json:  # the same Secret, as JSON (kubectl applies either)
+            import yaml
+
+            return _emit_json(yaml.safe_load(text))
+        click.echo(text, nl=False)
         return
     primary, secondary = api.keys(service, target=target, regenerate=regenerate, **o.where)
     if o.json:
@@ -462,6 +535,15 @@ def serve(o: Obj, args):
     """
     import os
 
+    from mlbuild.errors import InvalidInput
+
+    if o.json:
+        # NOTE: the server logs to stdout until stopped, so there is no one JSON
+        # document to give; refused before anything starts.
+        raise InvalidInput("mlbuild serve runs a server (its log on stdout) until stopped: "
+                           "it has no JSON result",
+                           hint="drop --json; for a service's state as JSON, deploy it and "
+                                "run mlbuild status --json")
     args = list(args)
     if args in (["-h"], ["--help"]):  # both forms' options: the runtime's are not click's
         from mlbuild.runtime.__main__ import build_parser
@@ -474,8 +556,6 @@ def serve(o: Obj, args):
         return
     if not args and not (os.environ.get("AZUREML_ENTRY_SCRIPT")
                          or os.environ.get("MLBUILD_ENTRY_SCRIPT")):
-        from mlbuild.errors import InvalidInput
-
         raise InvalidInput("mlbuild serve: nothing to serve",
                            hint="mlbuild serve SERVICE (a service of mlproject.yaml), or "
                                 "mlbuild serve --entry-script FILE")
@@ -540,6 +620,36 @@ def _serve_service(o: Obj, args: list) -> None:
     from mlbuild.devserver import run_with_reload
 
     run_with_reload(dev, prepare, lambda msg: click.echo(msg, err=True))
+
+
+# -- state ------------------------------------------------------------------------------------
+
+@cli.group()
+def state():
+    """The state database in .mlbuild/: start a new one when it was lost."""
+
+
+@state.command("reset")
+@pass_obj
+def state_reset(o: Obj):
+    """Start a new state database after .mlbuild/state.db was deleted, emptied or damaged.
+
+    The old file (and its -wal) is moved aside, never deleted. Kept: the model blobs;
+    taken back: the keys handed to running services, the model versions the build
+    contexts and releases hold (same NAME@VERSION), the process releases still running.
+    Refused when the database is sound (mlbuild clean --all removes the whole state)."""
+    from mlbuild import api
+
+    r = api.state_reset(**o.where)
+    if o.json:
+        return _emit_json(r.to_json())
+    for m in r.moved:
+        click.echo(f"moved aside   {m}")
+    click.echo("keys          " + (", ".join(r.keys) or "none found"))
+    click.echo("models        " + (", ".join(r.models) or "none found")
+               + f"  ({r.blobs} blob{'s' if r.blobs != 1 else ''} kept)")
+    click.echo("running       " + (", ".join(r.deployments) or "none found"))
+    click.echo("a new state database is in place: the next deploy redoes the steps")
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -661,7 +771,7 @@ def models_delete(o: Obj, ref, yes):
 
     if "@" not in ref and not yes:
         _need_terminal("--yes")
-        click.confirm(f"Delete every version of {ref}?", abort=True)
+        click.confirm(f"Delete every version of {ref}?", abort=True, err=o.json)
     gone = api.models_delete(ref, **o.where)
     if o.json:
         return _emit_json({"deleted": [mv.ref for mv in gone]})
@@ -694,17 +804,14 @@ def _sigterm(signum, frame):
 
 def _json_wanted(args: list[str]) -> bool:
     """--json was given and nothing was printed as JSON yet. (When click failed before
-    parsing its options, a --json before the command's name counts.)"""
+    it handled --json, e.g. at an unknown option of the command, a --json anywhere on
+    the command line counts: before or after the command's name, not after ``--``.)"""
     if _JSON["written"]:
         return False
-    if _JSON["on"] is not None:
-        return _JSON["on"]
-    before = []
-    for a in args:
-        if a in cli.commands:
-            break
-        before.append(a)
-    return "--json" in before
+    if _JSON["on"]:
+        return True
+    words = args[:args.index("--")] if "--" in args else args
+    return "--json" in words
 
 
 def _json_error(message: str, hint: str | None, code: int, problems=None) -> None:

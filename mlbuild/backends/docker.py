@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlbuild import progress
 from mlbuild.errors import InvalidInput, MlbuildError, NotSupported, StepFailed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,6 +79,16 @@ _CLASSIC_STEP = re.compile(r"^(?:Step|STEP) (\d+)/(\d+) ?: ?(.*)$")  # docker; p
 _CLASSIC_CACHED = re.compile(r"^-+> Using cache\b")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the classic builder colours stderr red
 _BUILDKIT_STEP = re.compile(r"^\[(?:(\S+) )?(\d+)/(\d+)\] (.*)$")  # "[2/5] RUN ..", "[stage 2/5] .."
+# A layer's status in a push or pull stream (and a build pulling its base image), as
+# mlbuild.progress names the states; other statuses ("Extracting", "Verifying
+# Checksum", "Pulling from ...") tell nothing about bytes moved.
+_LAYER_STATES = {
+    "Preparing": progress.WAITING, "Waiting": progress.WAITING,
+    "Pulling fs layer": progress.WAITING,
+    "Pushing": progress.MOVING, "Downloading": progress.MOVING,
+    "Pushed": progress.DONE, "Download complete": progress.DONE, "Pull complete": progress.DONE,
+    "Layer already exists": progress.PRESENT, "Already exists": progress.PRESENT,
+}
 
 
 class EngineUnavailable(MlbuildError):
@@ -388,14 +399,23 @@ class DockerEngine:
             raise InvalidInput(f"no {dockerfile} in the build context {context_dir}")
         log = _BuildLog(log_path)
         started = time.monotonic()
+        shown = progress.task("building", _short(tag))
+
+        def report(ev: BuildEvent) -> None:
+            shown.step(ev.step, ev.total, ev.instruction)
+            if progress_cb:
+                progress_cb(ev)
+
         try:
-            reader = _ClassicStream(progress_cb, log) if builder == "classic" else _BuildkitStream(progress_cb, log)
+            reader = _ClassicStream(report, log) if builder == "classic" else _BuildkitStream(report, log)
             body = _context_tar(context_dir, dockerfile)
             try:
                 with self._engine_errors():
                     for msg in self._build_stream(body, tag, labels, dockerfile, buildargs,
                                                   builder, nocache, pull, network_mode):
                         reader.feed(msg)
+                        _report_layer(shown, msg)
+                        shown.tick()
             except self._errors.APIError as e:  # refused before streaming: bad params, ...
                 reader.fail(_api_message(e))
             finally:
@@ -409,7 +429,9 @@ class DockerEngine:
                 hint = f"full log: {log.path}" if log.path else None
                 raise StepFailed(step_id, msg, hint=hint)
             image_id = reader.image_id or self._image_id_of(tag)
+            shown.close()
         finally:
+            shown.close(ok=False)  # (no-op after the close above)
             log.close()
         steps, built, cached = reader.counts()
         return BuildResult(image_id=image_id, tag=tag, steps=steps, built=built, cached=cached,
@@ -527,10 +549,11 @@ class DockerEngine:
         what = f"docker pull {tag}"
 
         def once() -> str:
-            with self._engine_errors():
+            with self._engine_errors(), progress.task("pulling", _short(tag)) as shown:
                 for msg in self.api.pull(repo, tag=ref, stream=True, decode=True):
                     if msg.get("error") or msg.get("errorDetail"):
                         raise _StreamError(_stream_error(msg))
+                    _report_layer(shown, msg)
             return self._image_id_of(tag)
 
         return self._retry(what, once, retries, backoff)
@@ -554,10 +577,11 @@ class DockerEngine:
 
         def once() -> str:
             digest = ""
-            with self._engine_errors():
+            with self._engine_errors(), progress.task("pushing", _short(tag)) as shown:
                 for msg in self.api.push(repo, tag=ref, stream=True, decode=True):
                     if msg.get("error") or msg.get("errorDetail"):
                         raise _StreamError(_stream_error(msg))
+                    _report_layer(shown, msg)
                     aux = msg.get("aux") or {}
                     if aux.get("Digest"):
                         digest = aux["Digest"]
@@ -1259,6 +1283,32 @@ def _context_tar(root: Path, dockerfile: str) -> _ContextTar:
                 patterns.append(line)
     files = sorted(exclude_paths(str(root), patterns, dockerfile=dockerfile))
     return _ContextTar(root, files)
+
+
+def _short(tag: str) -> str:
+    """How progress names an image: ``host:5000/ml/proj-svc:0123`` → ``proj-svc:0123``."""
+    return tag.rsplit("/", 1)[-1]
+
+
+def layer_update(msg: dict) -> tuple[str, str, int, int] | None:
+    """A push or pull stream message as news of one layer: (layer id, state, bytes
+    done, bytes in all), or None when it is no such news. ``Mounted from REPO`` (a
+    cross-repository mount) is a layer the registry already had."""
+    layer_id, status = msg.get("id"), msg.get("status") or ""
+    if not layer_id or "progressDetail" not in msg:
+        return None
+    state = _LAYER_STATES.get(status) or (
+        progress.PRESENT if status.startswith("Mounted from") else None)
+    if state is None:
+        return None
+    detail = msg.get("progressDetail") or {}
+    return layer_id, state, int(detail.get("current") or 0), int(detail.get("total") or 0)
+
+
+def _report_layer(shown: progress.Task, msg: dict) -> None:
+    update = layer_update(msg)
+    if update:
+        shown.layer(*update)
 
 
 def _split_ref(tag: str) -> tuple[str, str]:

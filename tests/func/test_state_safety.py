@@ -152,18 +152,8 @@ def score(url: str, key: str, proj: Path) -> int:
 
 
 def reset(cli: CLI, check: int = 0) -> subprocess.CompletedProcess:
-    """mlbuild state reset (through the api: cli.py wires the command)."""
-    code = ("import json, sys\n"
-            "from mlbuild import api\n"
-            "from mlbuild.errors import MlbuildError\n"
-            "try:\n"
-            "    print(json.dumps(api.state_reset('.').to_json()))\n"
-            "except MlbuildError as e:\n"
-            "    print(e.message, '|', e.hint, file=sys.stderr); sys.exit(e.exit_code)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=cli.cwd, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == check, r.stderr
-    return r
+    """mlbuild --json state reset; stdout is its report (or the error) as JSON."""
+    return cli("--json", "state", "reset", check=check, timeout=120)
 
 
 @pytest.fixture
