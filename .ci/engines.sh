@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings up the real engines the integration tests use, on a fresh Debian machine:
 #
-#   apt packages  docker.io, docker-registry, debootstrap   (installed when missing)
+#   apt packages  docker.io, docker-registry, debootstrap,  (installed when missing)
+#                 wrk (the load generator profile's is checked against)
 #   dockerd       overlay2, falling back to vfs              (started when not answering)
 #   registry      127.0.0.1:5000, own config, no auth        (started when /v2/ does not answer)
 #   base image    python:3.11-slim, a debootstrap stand-in   (built when not in the engine)
@@ -48,6 +49,7 @@ need=()
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 if [ ${#need[@]} -gt 0 ]; then
     t=$(now)
     # NOTE: the packages' maintainer scripts would start the daemons with their
@@ -73,7 +75,7 @@ if [ ${#need[@]} -gt 0 ]; then
     [ -n "$ok" ] || die "apt-get install ${need[*]} failed: $(tail -n 3 "$CI_DIR/apt.log" | tr '\n' ' ') (full log: $CI_DIR/apt.log)"
     say "installed ${need[*]} ($(since "$t"))"
 else
-    say "packages present (docker.io, docker-registry, debootstrap)"
+    say "packages present (docker.io, docker-registry, debootstrap, wrk)"
 fi
 
 # ---------------------------------------------------------------------------------
