@@ -72,7 +72,7 @@ FILES = [
 
 @pytest.fixture
 def proj(tmp_path: Path) -> Path:
-    """A project folder holding every file the DESIGN.md example refers to."""
+    """A project folder holding every file the example manifest below refers to."""
     for rel in FILES:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x")
