@@ -91,6 +91,15 @@ def build_parser(prog: str = "python -m mlbuild.runtime") -> argparse.ArgumentPa
     p.add_argument("--graceful-timeout", dest="graceful_timeout", type=float,
                    help="seconds in-flight requests get after SIGTERM "
                         "[MLBUILD_GRACEFUL_TIMEOUT, default 30]")
+    p.add_argument("--header-timeout", dest="header_timeout", type=float,
+                   help="seconds a request's line and headers may take; then 408 and the "
+                        "connection closes [MLBUILD_HEADER_TIMEOUT, default 10]")
+    p.add_argument("--max-header-bytes", dest="max_header_bytes", type=int,
+                   help="larger request lines get 414, larger headers 431 "
+                        "[MLBUILD_MAX_HEADER_BYTES, default 32768]")
+    p.add_argument("--keepalive-timeout", dest="keepalive_timeout", type=float,
+                   help="seconds an idle keep-alive connection stays open "
+                        "[MLBUILD_KEEPALIVE_TIMEOUT, default 5]")
     p.add_argument("--log-level", dest="log_level",
                    choices=["debug", "info", "warning", "error"],
                    help="[MLBUILD_LOG_LEVEL, default info]")
@@ -115,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     options = options.with_overrides(
         host=args.host, port=args.port, health_port=args.health_port, workers=args.workers,
         reuse_port=args.reuse_port, ready_file=args.ready_file,
-        graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+        graceful_timeout=args.graceful_timeout, log_level=args.log_level,
+        header_timeout=args.header_timeout, max_header_bytes=args.max_header_bytes,
+        keepalive_timeout=args.keepalive_timeout)
     cors = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()) \
         if args.cors_origins is not None else None
     config = config.with_overrides(entry_script=args.entry_script, model_dir=args.model_dir,

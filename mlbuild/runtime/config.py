@@ -1,11 +1,13 @@
 """Runtime configuration: two frozen objects, read from the environment and the CLI.
 
 :class:`RuntimeConfig` says what the app serves and how it answers; :class:`ServerOptions`
-says where and how the process listens (ports, workers, replacement support).
+says where and how the process listens (ports, workers, replacement support, limits on
+request heads and keep-alive).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -13,6 +15,14 @@ DEFAULT_PORT = 5001
 DEFAULT_HEALTH_PORT = 5000  # azmlinfsrv's, with SEPERATE_HEALTH_ENDPOINT=true
 DEFAULT_GRACEFUL_TIMEOUT = 30.0  # seconds; Kubernetes' default grace period
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+# Request heads (see headlimits.py). 32 KiB is what nginx (and so ingress-nginx) accepts
+# by default (4 buffers of 8 KiB): whatever a default front proxy passes, we take. 10 s
+# for a head of a few hundred bytes is ages for any real client, and a slow connection
+# is gone within it.
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+MIN_MAX_HEADER_BYTES = 1024
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds
+DEFAULT_KEEPALIVE_TIMEOUT = 5.0  # seconds; uvicorn's default
 DISPATCH_MODES = ("inline", "thread")
 DEFAULT_MAX_REQUEST_WAIT_MS = 500
 DEFAULT_START_HOLD = 300.0  # seconds a request may wait for init() to return
@@ -212,6 +222,13 @@ class ServerOptions:
             listens: ``{"pid": ..., "port": ..., "health_port": ...}``.
         graceful_timeout: Seconds in-flight requests get to finish after SIGTERM.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        header_timeout: Seconds a request's head (request line and headers) may take
+            from the connection's start, or from its first byte after a keep-alive
+            request; then 408 and close (a connection that sent nothing is just
+            closed). On the health port too.
+        max_header_bytes: Largest request head accepted: a longer request line gets 414,
+            longer headers 431, then the connection closes. On the health port too.
+        keepalive_timeout: Seconds an idle keep-alive connection stays open.
     """
 
     host: str = "0.0.0.0"
@@ -222,6 +239,9 @@ class ServerOptions:
     ready_file: str | None = None
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
     log_level: str = "info"
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: os._Environ | dict | None = None) -> ServerOptions:
@@ -242,6 +262,9 @@ class ServerOptions:
             health_port = _number(env, "HEALTH_PORT", int) or DEFAULT_HEALTH_PORT
         workers = _number(env, "MLBUILD_WORKERS", int) or _number(env, "WORKER_COUNT", int)
         graceful = _number(env, "MLBUILD_GRACEFUL_TIMEOUT")
+        header_timeout = _number(env, "MLBUILD_HEADER_TIMEOUT")
+        max_header = _number(env, "MLBUILD_MAX_HEADER_BYTES", int)
+        keepalive = _number(env, "MLBUILD_KEEPALIVE_TIMEOUT")
         return cls(
             host=env.get("MLBUILD_HOST") or "0.0.0.0",
             port=DEFAULT_PORT if port is None else port,
@@ -251,6 +274,9 @@ class ServerOptions:
             ready_file=env.get("MLBUILD_READY_FILE") or None,
             graceful_timeout=DEFAULT_GRACEFUL_TIMEOUT if graceful is None else graceful,
             log_level=_log_level(env),
+            header_timeout=DEFAULT_HEADER_TIMEOUT if header_timeout is None else header_timeout,
+            max_header_bytes=DEFAULT_MAX_HEADER_BYTES if max_header is None else max_header,
+            keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT if keepalive is None else keepalive,
         )
 
     def with_overrides(self, **changes) -> ServerOptions:
@@ -269,6 +295,13 @@ class ServerOptions:
             out.append("reuse-port needs a fixed port, not 0")
         if self.graceful_timeout < 0:
             out.append(f"graceful timeout {self.graceful_timeout} is negative")
+        for name, value in (("header timeout", self.header_timeout),
+                            ("keep-alive timeout", self.keepalive_timeout)):
+            if not 0 < value < math.inf:
+                out.append(f"{name} {value}: give a number of seconds above 0")
+        if self.max_header_bytes < MIN_MAX_HEADER_BYTES:
+            out.append(f"max header bytes {self.max_header_bytes}: give "
+                       f"{MIN_MAX_HEADER_BYTES} or more")
         if self.log_level not in LOG_LEVELS:
             out.append(f"log level {self.log_level!r}: expected debug, info, warning or error")
         if self.ready_file:

@@ -12,6 +12,14 @@ Listeners::
                                200 as soon as ready: how a deploy waits for a release
                                with one request instead of a poll every few ms
 
+Request heads, on both listeners: the request line and headers must arrive within
+``header_timeout`` seconds (MLBUILD_HEADER_TIMEOUT, default 10; counted from the
+connection's start or a request's first byte) and fit in ``max_header_bytes``
+(MLBUILD_MAX_HEADER_BYTES, default 32 KiB): else 408, 414 (request line) or 431
+(headers), then the connection closes; idle keep-alive connections close after
+``keepalive_timeout`` seconds (MLBUILD_KEEPALIVE_TIMEOUT, default 5). The main port's
+protocol is headlimits.py's; the health listener reads through :class:`_HeadReader`.
+
 Start-up::
 
     default      bind+listen main (a busy port fails here, touching nothing), health
@@ -53,6 +61,7 @@ port); one that dies later is replaced. Workers leave when this process goes awa
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
 import multiprocessing
@@ -76,7 +85,12 @@ from mlbuild.runtime.app import (
     health_response,
     new_request_id,
 )
-from mlbuild.runtime.config import RuntimeConfig, ServerOptions
+from mlbuild.runtime.config import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_HEADER_BYTES,
+    RuntimeConfig,
+    ServerOptions,
+)
 
 log = logging.getLogger("azmlinfsrv")
 access_log = logging.getLogger("azmlinfsrv.access")
@@ -88,15 +102,25 @@ BACKLOG = 2048
 # GET /healthz/ready?wait=S on the health port (see _HealthHandler._wait_ready).
 LONG_POLL_MAX = 30.0
 WAIT_TICK = 0.01
+LINGER = 2.0  # seconds a refused connection drains before it closes (as headlimits.py)
 
 
-def _fast_options() -> dict:
-    # httptools and uvloop when installed (requirements.txt has them); the pure-Python
-    # fallbacks still work, several times slower.
-    return {
-        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
-        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-    }
+def _fast_options(options: ServerOptions) -> dict:
+    """uvicorn's protocol, loop and request-head limits.
+
+    httptools and uvloop when installed (requirements.txt has them); the pure-Python
+    fallbacks still work, several times slower. With httptools the protocol is
+    headlimits.py's (header deadline and size); h11 gets only the size limit (its own
+    ``h11_max_incomplete_event_size``, answered 400): no header deadline without httptools.
+    """
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    if importlib.util.find_spec("httptools"):
+        from mlbuild.runtime.headlimits import protocol_class
+
+        return {"http": protocol_class(options.header_timeout, options.max_header_bytes),
+                "loop": loop}
+    return {"http": "h11", "loop": loop,
+            "h11_max_incomplete_event_size": options.max_header_bytes}
 
 
 def _trust_proxy_headers() -> bool:
@@ -210,8 +234,94 @@ class _ReadyGate:
 
 
 # -- health listener ---------------------------------------------------------------------
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _HeadReader(io.RawIOBase):
+    """The health handler's socket reads, giving each request head the main port's limits
+    (headlimits.py): ``timeout`` seconds in all and ``limit`` bytes.
+
+    NOTE: a socket timeout alone bounds each read, not the head: a client sending a byte
+    a second would hold its thread for ever. So every read waits only for what is left of
+    the head's time, and reads no more than what is left of its bytes.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float, limit: int):
+        self._sock = sock
+        self._timeout = timeout
+        self._limit = limit
+        self.start()
+
+    def start(self) -> None:
+        """A new request head begins (idle keep-alive time counts against it)."""
+        self._deadline = time.monotonic() + self._timeout
+        self._left = self._limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request head not received in time")
+        if self._left <= 0:
+            raise _HeadTooLarge
+        self._sock.settimeout(remaining)
+        try:
+            n = self._sock.recv_into(memoryview(buf)[:self._left])
+        finally:
+            self._sock.settimeout(self._timeout)  # the answer's writes
+        self._left -= n
+        return n
+
+
 class _HealthHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()  # self.timeout is None: the reader sets the socket's timeouts
+        self.rfile.close()  # the socket's own reader: ours replaces it
+        self._reader = _HeadReader(self.connection, self.server.header_timeout,
+                                   self.server.max_header_bytes)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        """http.server's, with a deadline and a size limit on the request head; a head
+        that takes too long just closes the connection (http.server's TimeoutError)."""
+        self._reader.start()
+        self.requestline = None
+        try:
+            super().handle_one_request()
+        except _HeadTooLarge:
+            self._refuse_too_large()
+
+    def _refuse_too_large(self) -> None:
+        limit = self.server.max_header_bytes
+        status, what = ((414, "request line") if self.requestline is None
+                        else (431, "request head (request line and headers)"))
+        payload = _error(status, f"{what} larger than {limit} bytes")
+        self.requestline = self.requestline or ""
+        self.request_version, self.command = "HTTP/1.1", ""
+        self.close_connection = True
+        self.send_response(status)
+        self.send_header("content-type", JSON.decode())
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("connection", "close")
+        self.end_headers()
+        self.wfile.write(payload)
+        self.wfile.flush()
+        # Unread data would turn the close into a reset that the client may see instead
+        # of the answer: drop what it still sends, for at most LINGER seconds.
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER
+            while (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.connection.recv(65536):
+                    break
+        except OSError:  # TimeoutError too
+            pass
 
     def version_string(self) -> str:
         return "mlbuild"
@@ -282,9 +392,12 @@ class _HealthHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, reuse_port: bool):
+    def __init__(self, address, reuse_port: bool, header_timeout: float,
+                 max_header_bytes: int):
         self.address_family = _family(address[0])
         self._reuse_port = reuse_port
+        self.header_timeout = header_timeout
+        self.max_header_bytes = max_header_bytes
         self.is_ready = lambda: False
         super().__init__(address, _HealthHandler)
 
@@ -308,13 +421,20 @@ class HealthListener:
     thread of this process; readiness comes from a callable set with :meth:`set_source`.
     """
 
-    def __init__(self, host: str, port: int, reuse_port: bool = False):
+    def __init__(self, host: str, port: int, reuse_port: bool = False,
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                 max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         """Bind and listen (not yet serve).
+
+        Args:
+            header_timeout / max_header_bytes: Limits of a request head, as on the main
+                port (see ServerOptions).
 
         Raises:
             OSError: The port cannot be bound.
         """
-        self._server = _HealthHTTPServer((host, port), reuse_port)
+        self._server = _HealthHTTPServer((host, port), reuse_port, header_timeout,
+                                         max_header_bytes)
         self._thread: threading.Thread | None = None
 
     @property
@@ -430,9 +550,10 @@ def _serve(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | 
 
     # NOTE: log_config=None: uvicorn's lines go through the root logger (logformat.py),
     # in the runtime's format and on its stream.
-    uv_config = uvicorn.Config(app, **_fast_options(), log_level=options.log_level,
+    uv_config = uvicorn.Config(app, **_fast_options(options), log_level=options.log_level,
                                log_config=None, access_log=False, server_header=False, lifespan="on",
                                proxy_headers=_trust_proxy_headers(),
+                               timeout_keep_alive=options.keepalive_timeout,
                                timeout_graceful_shutdown=options.graceful_timeout)
     server = _Server(uv_config, on_started)
     state["server"] = server
@@ -604,7 +725,9 @@ def run_server(config: RuntimeConfig, options: ServerOptions | None = None) -> i
     health = None
     if options.health_port is not None:
         try:
-            health = HealthListener(host, options.health_port, reuse_port=options.reuse_port)
+            health = HealthListener(host, options.health_port, reuse_port=options.reuse_port,
+                                    header_timeout=options.header_timeout,
+                                    max_header_bytes=options.max_header_bytes)
         except OSError as exc:
             if sock is not None:
                 sock.close()
