@@ -599,7 +599,7 @@ def logs(service: str, directory=".", file=None, target: str | None = None,
          lines: int | None = 200, follow: bool = False):
     """The log of ``service``: yields lines (the last ``lines``; then, with ``follow``,
     new ones as they come, until interrupted)."""
-    from mlbuild.backends.process import tail
+    from mlbuild.backends.process import follow_log, read_log, tail
 
     with session(directory, file) as s:
         t = _running_target(s.project, target)
@@ -625,19 +625,10 @@ def logs(service: str, directory=".", file=None, target: str | None = None,
                                               tail=lines or None).rstrip("\n").splitlines()
             return
         path = _log_path(s, t, service)
-    yield from (tail(path, lines) if lines else
-                (ln.decode("utf-8", "replace").rstrip("\n") for ln in open(path, "rb")))
+    # A process target's log is rotated by size: these read across its older files.
+    yield from tail(path, lines) if lines else read_log(path)
     if follow:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            while True:
-                chunk = fh.readline()
-                if chunk:
-                    yield chunk.decode("utf-8", "replace").rstrip("\n")
-                else:
-                    import time
-
-                    time.sleep(0.2)
+        yield from follow_log(path)
 
 
 def _log_path(s: Session, t, service: str) -> Path:

@@ -57,6 +57,10 @@ INSTALL_HINT = "pip install 'mlbuild[docker]'"
 TAIL_LINES = 20          # lines of build output shown when a build fails
 CONNECT_TIMEOUT = 10.0   # seconds to wait for the engine to answer its version
 OP_TIMEOUT = 900.0       # seconds a build/push/pull stream may stay silent
+# NOTE: the engine's default log driver, json-file, keeps a container's whole output:
+# containers started here rotate it as a process target's log is rotated (10 MiB, two
+# older files). Other drivers (local, journald, ...) bound their own and are left alone.
+CONTAINER_LOG_ROTATION = {"max-size": "10m", "max-file": "3"}
 
 # Registry errors worth another try, and those that are final. The engine reports
 # registry failures as message text (inside a stream or an HTTP 500), so these match
@@ -670,6 +674,8 @@ class DockerEngine:
             kwargs["network_mode"] = network_mode
             if network_mode == "host":
                 kwargs.pop("ports")
+        if self._default_log_driver() == "json-file":
+            kwargs["log_config"] = {"Type": "json-file", "Config": CONTAINER_LOG_ROTATION}
         container = None
         try:
             with self._engine_errors():
@@ -694,6 +700,13 @@ class DockerEngine:
         if state is None:  # removed by someone between start and inspect
             raise StepFailed(step_id, f"container {name} vanished right after it started")
         return state
+
+    def _default_log_driver(self) -> str | None:
+        """The engine's default log driver (asked once)."""
+        if not hasattr(self, "_log_driver"):
+            with self._engine_errors():
+                self._log_driver = self.api.info().get("LoggingDriver")
+        return self._log_driver
 
     def container_state(self, name: str) -> ContainerState | None:
         """The state of a container, or None when there is none of that name (or id).

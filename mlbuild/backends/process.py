@@ -6,13 +6,27 @@ One deployed service is one release folder and one process::
         runtime/ models/ app/ samples/
         ready.json   written by the runtime once init() returned and it listens
         exit         written by the wrapper with the runtime's exit status
-    .mlbuild/logs/<target>/<service>.log         stdout and stderr, appended
+    .mlbuild/logs/<target>/<service>.log         stdout and stderr, appended, rotated
+                                 by size into <service>.log.1 .. .log.LOG_KEEP
     .mlbuild/secrets/<target>/<service>.keys     the auth keys, mode 0600
 
-A process is started through a one-line ``sh`` wrapper in a session of its own (the
+A process is started through a small ``sh`` wrapper in a session of its own (the
 wrapper's pid is the process group, which ``stop`` signals as a whole, workers
 included); the wrapper writes the runtime's exit status when the runtime ends by
-itself, so ``status`` can say "exited 3" long after ``deploy`` returned.
+itself, so ``status`` can say "exited 3" long after ``deploy`` returned::
+
+    sh ─┬─ { runtime; echo $? > exit; } 2>&1 ──pipe──▶ logpipe ──▶ <service>.log
+        │    (stdout and stderr of the runtime, its workers and their children)
+
+Logs: the runtime's output goes through a pipe to a log writer of its own,
+``mlbuild/runtime/logpipe.py`` (run by the release's Python from the release's
+``runtime/``), which rotates the log by size while the service runs (``LOG_ROTATE_BYTES``,
+``MLBUILD_LOG_MAX_BYTES``; ``LOG_KEEP`` older files). A separate process, not a thread of
+the runtime: a C extension writing while it holds the GIL cannot stall it, and it
+outlives the runtime until the last line is written (it ignores the stop signal and ends
+at the end of its input); the wrapper ends only after it, so a failed start's last lines
+are in the file when ``wait_ready`` sees the failure. The old and the new release of a
+replacement share the file; logpipe's docstring says how.
 
 Replacement without downtime: the runtime is started with ``MLBUILD_REUSE_PORT=1``,
 so it binds the port with SO_REUSEPORT beside the old release, and only after its
@@ -34,7 +48,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 HEALTHY = "Healthy"
 TRANSITIONING = "Transitioning"
@@ -45,8 +59,25 @@ FAILED = "Failed"
 READY_FILE = "ready.json"
 EXIT_FILE = "exit"
 PGID_FILE = "pgid"
-LOG_ROTATE_BYTES = 10 * 1024 * 1024
-_WRAPPER = '"$@"; echo $? > "$0"'
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ[name]))
+    except (KeyError, ValueError):
+        return default
+
+
+LOG_ROTATE_BYTES = _env_int("MLBUILD_LOG_MAX_BYTES", 10 * 1024 * 1024)  # per file
+LOG_KEEP = 2  # older files: <log>.1 (the newest) .. <log>.LOG_KEEP
+LOGPIPE = "runtime/mlbuild/runtime/logpipe.py"  # in a release
+# $0: the exit file; $1 $2: the Python and logpipe.py; $3 $4 $5: its arguments (the log,
+# its size, how many to keep); then the runtime's command. The log writer ignores the
+# signals a stop sends (a trap of '' is inherited by the exec'd program), and writes its
+# own start-up errors to the log.
+_WRAPPER = (
+    'py=$1 pipe=$2 log=$3 max=$4 keep=$5; shift 5; '
+    '{ "$@"; echo $? > "$0"; } 2>&1 | '
+    '{ trap "" TERM INT HUP; exec "$py" -I -S "$pipe" "$log" "$max" "$keep" 2>>"$log"; }')
 
 
 def port_available(host: str, port: int) -> bool:
@@ -93,23 +124,27 @@ class Started:
 
 def start(release: Path, argv: list[str], env: dict[str, str], log_path: Path,
           cwd: Path) -> Started:
-    """Start ``argv`` in the background, in its own session, logging to ``log_path``."""
+    """Start ``argv`` in the background, in its own session, logging to ``log_path``
+    through ``release``'s log writer (see the module docstring).
+
+    ``argv[0]`` is the release's Python: it runs the log writer too.
+    """
+    from mlbuild.runtime.logpipe import RotatingLog
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (READY_FILE, EXIT_FILE, PGID_FILE):
         (release / stale).unlink(missing_ok=True)
-    try:  # one older log is kept: the log does not grow without end
-        if log_path.stat().st_size > LOG_ROTATE_BYTES:
-            os.replace(log_path, log_path.with_name(log_path.name + ".1"))
-    except FileNotFoundError:
-        pass
-    with open(log_path, "ab") as log:
+    log = RotatingLog(log_path, LOG_ROTATE_BYTES, LOG_KEEP)
+    try:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting release "
                   f"{release.name}\n".encode())
-        log.flush()
-        popen = subprocess.Popen(
-            ["sh", "-c", _WRAPPER, str(release / EXIT_FILE), *argv],
-            cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True)
+    finally:
+        log.close()
+    popen = subprocess.Popen(
+        ["sh", "-c", _WRAPPER, str(release / EXIT_FILE), argv[0], str(release / LOGPIPE),
+         str(log_path), str(LOG_ROTATE_BYTES), str(LOG_KEEP), *argv],
+        cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     # Written at once, so a release can be found and stopped even before it is ready
     # (a deploy killed while init() runs).
     (release / PGID_FILE).write_text(str(popen.pid))
@@ -303,14 +338,113 @@ def observe(dep: dict) -> tuple[str, str]:
     return FAILED, f"process {pid} is gone (killed, or the machine restarted)"
 
 
+def _rotated(path: Path) -> list[Path]:
+    """A log's older files that exist, newest first (``LOG.1``, ``LOG.2``, ...)."""
+    out = []
+    for i in range(1, 100):
+        older = path.with_name(f"{path.name}.{i}")
+        if not older.is_file():
+            break
+        out.append(older)
+    return out
+
+
 def tail(path: Path, lines: int = 20) -> list[str]:
-    """The last ``lines`` lines of a log file (reads at most its last 64 KiB)."""
+    """The last ``lines`` lines of a log, from its older files too when the log holds
+    fewer (it was just rotated). Reads at most the last 64 KiB of each file."""
+    out: list[str] = []
+    for p in [path, *_rotated(path)]:
+        try:
+            with open(p, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(0, size - 65536))
+                found = fh.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            break
+        if size > 65536:
+            found = found[1:]  # begins inside a line
+        out = found + out
+        if len(out) >= lines or size > 65536:
+            break
+    return out[-lines:]
+
+
+def read_log(path: Path) -> Iterator[str]:
+    """Every line of a log, its older files first."""
+    for p in [*reversed(_rotated(path)), path]:
+        try:
+            with open(p, "rb") as fh:
+                for line in fh:
+                    yield line.decode("utf-8", "replace").rstrip("\n")
+        except FileNotFoundError:  # rotated away while we read
+            continue
+
+
+def _names(path: Path, st: os.stat_result) -> bool:
+    """Does ``path`` name the file of stat ``st``?"""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            data = fh.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-lines:]
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
+def _newer_than(path: Path, fh: BinaryIO) -> BinaryIO | None:
+    """The file of ``path``'s rotation written after the one ``fh`` reads (no longer
+    ``path`` itself), opened; None when there is none yet.
+
+    The files are ``path``, ``path.1``, ... newest first: the one after ``path.I`` is
+    ``path.I-1``. The name is checked again after the open, since a rotation meanwhile
+    shifts every name; when the file read was dropped already (rotated past the ones
+    kept), the oldest one left comes next.
+    """
+    mine = os.fstat(fh.fileno())
+    for _ in range(100):
+        names = [path, *_rotated(path)]
+        at = next((i for i, p in enumerate(names) if i and _names(p, mine)), None)
+        try:
+            new = open(names[at - 1] if at is not None else names[-1], "rb")
+        except FileNotFoundError:
+            return None
+        if at is None or _names(names[at], mine):
+            return new
+        new.close()
+    return None
+
+
+def follow_log(path: Path, poll: float = 0.2) -> Iterator[str]:
+    """The lines appended to a log from now on, as they come, without end (the caller
+    stops). Follows the log across rotations: once the file it reads is no longer the
+    one ``path`` names, the rest of it is read, then the file written after it (see
+    :func:`_newer_than`), from its start: however many rotations came between two
+    polls, no line of a kept file is skipped."""
+    fh = open(path, "rb")
+    try:
+        fh.seek(0, os.SEEK_END)
+        partial = b""
+        while True:
+            chunk = fh.readline()
+            if chunk.endswith(b"\n"):
+                yield (partial + chunk).decode("utf-8", "replace").rstrip("\n")
+                partial = b""
+                continue
+            partial += chunk  # nothing, or a line still being written
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None  # between a rotation's rename and the new file: wait
+            mine = os.fstat(fh.fileno())
+            if now is not None and (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev):
+                rest = partial + fh.read()  # written to it before its writers noticed
+                for line in rest.splitlines():
+                    yield line.decode("utf-8", "replace")
+                partial = b""
+                new = _newer_than(path, fh)
+                if new is not None:
+                    fh.close()
+                    fh = new
+                    continue
+            time.sleep(poll)
+    finally:
+        fh.close()

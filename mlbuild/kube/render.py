@@ -48,6 +48,10 @@ Choices the settings leave open, and why:
   portable rewrite, so the path reaches the runtime with its ``/<service>`` prefix, and
   the runtime is told to answer below it (``MLBUILD_PATH_PREFIX``): no
   controller-specific rewrite annotation is needed.
+- The Ingress carries ``nginx.ingress.kubernetes.io/proxy-body-size``, the service's body
+  limit (``max_body_mb``, else the runtime's 10 MiB): ingress-nginx refuses bodies over
+  1 MiB by default, which would cut the service's own limit short. Other controllers
+  ignore the annotation.
 - Quantities: CPU in millicores unless whole (``100m``, ``2``), memory in MiB (``512Mi``),
   as the docker target counts it.
 """
@@ -64,6 +68,7 @@ import yaml
 
 from mlbuild.kube.settings import CONTAINER_PORT, GRACEFUL_STOP_S, HEALTH_PORT, KubeSettings
 from mlbuild.render import render
+from mlbuild.runtime.config import DEFAULT_MAX_BODY_BYTES
 
 # The oldest and the newest Kubernetes version every rendered object is validated
 # against (kubernetes-validate --strict, in tests/unit/test_kube_render.py).
@@ -112,6 +117,7 @@ class ServiceInput:
     auth_secret: str | None = None
     cors: tuple[str, ...] = ()
     resources: object | None = None
+    max_body_bytes: int | None = None
 
 
 def object_name(project: str, service: str) -> str:
@@ -195,9 +201,19 @@ def _check(project: str, service: str, image: str, auth: str, auth_secret) -> No
         raise ValueError("auth_secret given for a service with auth: none")
 
 
+def body_size(max_body_bytes: int | None) -> str:
+    """The Ingress's ``nginx.ingress.kubernetes.io/proxy-body-size`` (an nginx size) for a
+    service's body limit (None: the runtime's default): ``10m``, ``512k``, ``1000``."""
+    n = DEFAULT_MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes
+    if n % (1024 * 1024) == 0:
+        return f"{n // (1024 * 1024)}m"
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def _documents(project: str, service: str, image: str, fingerprint: str,
                settings: KubeSettings, *, auth: str = "none", auth_secret: str | None = None,
-               cors: tuple[str, ...] = (), resources=None) -> list[tuple[str, str]]:
+               cors: tuple[str, ...] = (), resources=None,
+               max_body_bytes: int | None = None) -> list[tuple[str, str]]:
     """(kind suffix, YAML text) of each object of a service, in apply order."""
     _check(project, service, image, auth, auth_secret)
     if auth == "key" and auth_secret is None:
@@ -229,6 +245,8 @@ def _documents(project: str, service: str, image: str, fingerprint: str,
         max_concurrent_requests=settings.max_concurrent_requests,
         max_request_wait_ms=settings.max_request_wait_ms,
         cors=tuple(cors),
+        max_body_bytes=max_body_bytes,
+        ingress_body_size=body_size(max_body_bytes),
         auth_secret=auth_secret,
         keys_dir=KEYS_DIR,
         keys_file=KEYS_FILE,
@@ -278,7 +296,7 @@ def kustomization(project: str, files: list[str]) -> str:
 def render_service(project: str, service: str, image: str, fingerprint: str,
                    settings: KubeSettings, *, auth: str = "none",
                    auth_secret: str | None = None, cors: tuple[str, ...] = (),
-                   resources=None) -> list[dict]:
+                   resources=None, max_body_bytes: int | None = None) -> list[dict]:
     """The Kubernetes objects of one service, in apply order.
 
     Args:
@@ -294,6 +312,8 @@ def render_service(project: str, service: str, image: str, fingerprint: str,
         cors: the allowed CORS origins.
         resources: the models' resources hint (``cpu``, ``memory_gb``; see
             :func:`resources_hint`), or None.
+        max_body_bytes: the service's body limit (``max_body_mb``), or None for the
+            runtime's default.
 
     Returns:
         The objects as dicts, parsed from the rendered YAML (the Secret is not among
@@ -304,7 +324,8 @@ def render_service(project: str, service: str, image: str, fingerprint: str,
             ``auth`` is not none/key.
     """
     docs = _documents(project, service, image, fingerprint, settings, auth=auth,
-                      auth_secret=auth_secret, cors=cors, resources=resources)
+                      auth_secret=auth_secret, cors=cors, resources=resources,
+                      max_body_bytes=max_body_bytes)
     return [yaml.load(text, Loader=_Loader) for _, text in docs]
 
 
@@ -323,7 +344,8 @@ def render_target(project: str, services: Iterable[ServiceInput],
     for s in sorted(services, key=lambda s: s.name):
         for kind, text in _documents(project, s.name, s.image, s.fingerprint, settings,
                                      auth=s.auth, auth_secret=s.auth_secret, cors=s.cors,
-                                     resources=s.resources):
+                                     resources=s.resources,
+                                     max_body_bytes=s.max_body_bytes):
             file = f"{s.name}-{kind}.yaml"
             if file in files:
                 raise ValueError(f"service {s.name!r} is given twice")

@@ -12,6 +12,7 @@ gives the same fingerprint; line numbers and the checkout path left out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -29,6 +30,7 @@ def _empty() -> Mapping:
 TARGET_TYPES = ("process", "docker", "kubernetes", "package")
 NO_CODE_FRAMEWORKS = ("scikit-learn", "onnx")
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
+MIB = 1024 * 1024  # services.NAME.max_body_mb counts these, as the runtime's "10 MB" does
 
 
 @dataclass(frozen=True)
@@ -149,11 +151,27 @@ class Service:
     schema_output: str | None = None
     auth: str = "none"
     cors: tuple[str, ...] = ()
+    max_body_mb: float | None = None  # None: the runtime's default (10 MiB)
     line: int | None = field(default=None, compare=False)
 
     @property
     def no_code(self) -> bool:
         return self.entry_script is None
+
+    @property
+    def max_body_bytes(self) -> int | None:
+        """``max_body_mb`` in bytes (MiB, rounded up: never below what was asked), or
+        None for the runtime's default."""
+        if self.max_body_mb is None:
+            return None
+        return max(1, math.ceil(self.max_body_mb * MIB))
+
+    def runtime_env(self) -> dict[str, str]:
+        """The runtime's variables for this service's own limits (the ones set): what
+        the image declares, and what the process and kubernetes targets set too."""
+        if self.max_body_mb is None:
+            return {}
+        return {"MLBUILD_MAX_BODY_BYTES": str(self.max_body_bytes)}
 
     def config(self) -> dict:
         return {
@@ -165,6 +183,9 @@ class Service:
             "schema": {"input": self.schema_input, "output": self.schema_output},
             "auth": self.auth,
             "cors": list(self.cors),
+            # NOTE: only when set, so that the fingerprints of services written before
+            # this setting existed do not change.
+            **({"max_body_mb": self.max_body_mb} if self.max_body_mb is not None else {}),
         }
 
 

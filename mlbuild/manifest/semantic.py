@@ -383,6 +383,7 @@ class _Builder:
                 auth=auth if isinstance(auth, str) else "none",
                 cors=tuple(c for c in cors if isinstance(c, str))
                 if isinstance(cors, list) else (),
+                max_body_mb=self.number(s.get("max_body_mb"), base + ("max_body_mb",)),
                 line=self.line(base),
             )
         return out

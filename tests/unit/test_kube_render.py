@@ -38,7 +38,7 @@ from mlbuild.manifest.model import Model, Resources
 kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
 
 REGISTRY = "127.0.0.1:5000/ml"
-# The target the examples get here (not in their manifests): DESIGN.md's `staging`.
+# The target the examples get here (not in their manifests): the root manifest's commented `staging`.
 STAGING = KubeSettings(namespace="ml", replicas=2, cpu=1, memory_gb=1)
 
 
@@ -85,7 +85,8 @@ def case_full():
     # Everything at once: autoscale, ingress, GPU, pull secret, auth key, CORS, a hint.
     return "fraud", [service_input("fraud", "score", auth="key",
                                    cors=("https://app.example.com", "http://localhost:3000"),
-                                   resources=Resources(cpu=1.5, memory_gb=2))], FULL
+                                   resources=Resources(cpu=1.5, memory_gb=2),
+                                   max_body_bytes=50 * 1024 * 1024)], FULL
 
 
 def case_plain():
@@ -115,7 +116,8 @@ def objects_of(project, services, settings) -> list[dict]:
     out = []
     for s in services:
         out += render_service(project, s.name, s.image, s.fingerprint, settings, auth=s.auth,
-                              auth_secret=s.auth_secret, cors=s.cors, resources=s.resources)
+                              auth_secret=s.auth_secret, cors=s.cors, resources=s.resources,
+                              max_body_bytes=s.max_body_bytes)
     return out
 
 
@@ -312,6 +314,7 @@ def test_the_runtime_reads_the_environment_the_deployment_sets(tmp_path):
     assert options.graceful_timeout == GRACEFUL_STOP_S
     assert config.auth_keys == ("k1", "k2")
     assert config.cors_origins == services[0].cors
+    assert config.max_body_bytes == services[0].max_body_bytes
     assert config.request_timeout == settings.scoring_timeout_ms / 1000
     assert config.service_name == "score"
 
@@ -321,7 +324,7 @@ def test_without_a_secret_the_deployment_leaves_auth_to_the_image():
     project, services, settings = case_plain()
     objs = objects_of(project, services, settings)
     assert not {"MLBUILD_AUTH", "MLBUILD_AUTH_KEYS_FILE", "MLBUILD_CORS_ORIGINS",
-                "MLBUILD_MAX_CONCURRENT_REQUESTS"} & set(env_of(objs))
+                "MLBUILD_MAX_CONCURRENT_REQUESTS", "MLBUILD_MAX_BODY_BYTES"} & set(env_of(objs))
     assert [v["name"] for v in by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
             ["volumes"]] == ["tmp"]
 

@@ -293,6 +293,7 @@ class ContextStep(Step):
                 samples=samples,
                 auth=s.auth,
                 cors=",".join(s.cors),
+                max_body_bytes=s.max_body_bytes,
                 port=CONTAINER_PORT,
                 model_refs=",".join(f"{m['name']}:{m['version']}" for m in models),
             )
@@ -318,6 +319,7 @@ class ContextStep(Step):
             runtime_env[f"MLBUILD_SCHEMA_{key.upper()}"] = path
         if s.cors:
             runtime_env["MLBUILD_CORS_ORIGINS"] = ",".join(s.cors)
+        runtime_env.update(s.runtime_env())
         return {
             "dir": os.path.relpath(target, project.root).replace(os.sep, "/"),
             "env": runtime_env,

@@ -74,6 +74,8 @@ class KubeStep(Step):
         out = {"name": ctx.project.name, "registry": ctx.project.registry,
                f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth,
                f"services.{s.name}.cors": list(s.cors)}
+        if s.max_body_mb is not None:  # only when set: older fingerprints stay
+            out[f"services.{s.name}.max_body_mb"] = s.max_body_mb
         for m in self._models(ctx):  # their resources hint sizes the requests
             if m.resources is not None:
                 out[f"models.{m.name}.resources"] = m.resources.config()
@@ -94,7 +96,8 @@ class KubeStep(Step):
         project, target, s = ctx.project, ctx.target, self._service(ctx)
         mine = render.render_target(project.name, [render.ServiceInput(
             name=s.name, image=image, fingerprint=fingerprint, auth=s.auth,
-            cors=tuple(s.cors), resources=render.resources_hint(self._models(ctx)))],
+            cors=tuple(s.cors), resources=render.resources_hint(self._models(ctx)),
+            max_body_bytes=s.max_body_bytes)],
             target.kube)
         # The kustomization lists every service's files: the names alone, known without
         # their images (each service's step rewrites it the same way).
