@@ -346,15 +346,19 @@ def models_tag(ref: str, set_tags: dict, remove: list, directory=".", file=None)
 
 # -- clean / init ------------------------------------------------------------------------
 
-def clean(directory=".", file=None, packages: bool = False, everything: bool = False) -> list[str]:
+def clean(directory=".", file=None, packages: bool = False, everything: bool = False) -> dict:
     """Remove build contexts, logs and step records (next deploy redoes every step).
 
     Args:
-        packages: also remove the package directories of package targets.
+        packages: also remove what package targets wrote: the files each package
+            folder's ``mlbuild-package.json`` lists, and the image tars ``out``'s
+            ``mlbuild-written.json`` lists. Nothing else: the user's files stay.
         everything: remove the whole ``.mlbuild`` folder, the model registry included.
 
     Returns:
-        The paths removed, relative to the project.
+        ``{"removed": [paths], "kept": [{"path", "why"}]}``, paths relative to the
+        project; ``kept``: files of the user in the package folders (and image tars
+        mlbuild has no record of writing) that were left where they are.
     """
     from mlbuild.manifest import find_manifest, load_project
 
@@ -397,24 +401,50 @@ def clean(directory=".", file=None, packages: bool = False, everything: bool = F
                 removed.append(f"{STATE_DIR}/logs" + (" (but running services' logs)"
                                                        if live else ""))
             db.forget_steps()
+    kept: list[dict] = []
     if project is not None:
-        # Only folders mlbuild wrote (they hold its package manifest) are removed.
+        from mlbuild import written
+        from mlbuild.graph.steps import package
+
+        # Only files mlbuild's records list are removed (never a folder as a whole).
         for t in project.targets.values():
             if t.type != "package" or not t.out or not (root / t.out).is_dir():
                 continue
-            for sub in sorted((root / t.out).iterdir()):
-                if sub.is_dir() and (sub / "mlbuild-package.json").is_file():
-                    shutil.rmtree(sub)
-                    removed.append(f"{t.out}/{sub.name}")
-                elif sub.name.endswith(".image.tar") and \
-                        sub.name.removesuffix(".image.tar") in project.services:
-                    sub.unlink()  # written by deploy --image-tar
-                    removed.append(f"{t.out}/{sub.name}")
+            out = root / t.out
+            for sub in sorted(out.iterdir()):
+                if sub.is_symlink() or not sub.is_dir() or \
+                        not (sub / package.PACKAGE_MANIFEST).is_file():
+                    continue
+                package.remove_written(sub)
+                rel = f"{t.out}/{sub.name}"
+                if os.path.lexists(sub / package.PACKAGE_MANIFEST):  # left: untrusted
+                    kept.append({"path": rel, "why": f"its {package.PACKAGE_MANIFEST} is "
+                                 "unreadable or a link: mlbuild cannot tell its files from "
+                                 "yours"})
+                    continue
+                removed.append(rel)
+                for dirpath, dirnames, names in os.walk(sub):
+                    here = os.path.relpath(dirpath, sub).replace(os.sep, "/")
+                    here = rel if here == "." else f"{rel}/{here}"
+                    links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+                    kept += [{"path": f"{here}/{n}", "why": "not written by mlbuild"}
+                             for n in sorted(names + links)]
+            gone, why = written.remove_written(out)
+            removed += [f"{t.out}/{n}" for n in gone]
+            if why is not None:
+                kept.append({"path": f"{t.out}/{written.RECORD}", "why": f"it {why}"})
+            still, _ = written.read_record(out)  # what could not be removed
+            for service in sorted(project.services):
+                tar = out / f"{service}.image.tar"
+                if os.path.lexists(tar):
+                    kept.append({"path": f"{t.out}/{tar.name}", "why": "could not be removed"
+                                 if tar.name in still else f"not in {t.out}/{written.RECORD}, "
+                                 "the record of what mlbuild wrote there"})
             try:
-                (root / t.out).rmdir()  # only when nothing else is left in it
+                out.rmdir()  # only when nothing else is left in it
             except OSError:
                 pass
-    return removed
+    return {"removed": removed, "kept": kept}
 
 
 def init(directory=".", name: str | None = None, force: bool = False) -> list[str]:

@@ -340,10 +340,13 @@ def clean(o: Obj, packages, everything, yes, images, keep):
         _need_terminal("--yes")
         click.confirm("Remove .mlbuild, including every registered model version?",
                       abort=True, err=o.json)  # with --json, stdout holds only the document
-    removed = api.clean(packages=packages, everything=everything, **o.where)
+    result = api.clean(packages=packages, everything=everything, **o.where)
     if o.json:
-        return _emit_json({"removed": removed})
+        return _emit_json(result)
+    removed = result["removed"]
     click.echo("removed " + ", ".join(removed) if removed else "nothing to remove")
+    for k in result["kept"]:
+        click.echo(f"kept {k['path']}: {k['why']}")
 
 
 # -- running services ------------------------------------------------------------------------

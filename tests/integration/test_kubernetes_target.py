@@ -307,6 +307,15 @@ def test_service_removed_from_the_manifest_is_deleted(proj, kube):
     assert kube.get("Service", NS, "not-ours") is not None  # not mlbuild's: left alone
 
 
+def test_files_of_a_removed_service_leave_out(proj):
+    # Recorded in out/mlbuild-written.json, so removed (the user's files are not).
+    out = proj.root / "dist/staging"
+    assert not list(out.glob("second-*")), sorted(p.name for p in out.iterdir())
+    assert "second" not in (out / "kustomization.yaml").read_text()
+    assert "second" not in (out / "mlbuild-written.json").read_text()
+    assert "up to date" in proj.mlbuild("deploy", "staging").stdout
+
+
 def test_gitops_mode_writes_files_only_and_prints_the_secret(proj, kube):
     before = len(kube.requests)
     out = json.loads(proj.mlbuild("--json", "deploy", "gitops").stdout)
@@ -325,6 +334,26 @@ def test_gitops_mode_writes_files_only_and_prints_the_secret(proj, kube):
     assert "k8s:gitops/diabetes" in ran(out)
     deployment = (proj.root / "dist/gitops/diabetes-deployment.yaml").read_text()
     assert re.search(r'cpu: "1500m"\s+memory: "2048Mi"', deployment), deployment
+
+
+def test_gitops_out_keeps_the_users_files(proj, kube):
+    # A fresh checkout of a GitOps folder that holds the user's own kustomization.
+    out = proj.root / "dist/gitops"
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "kustomization.yaml").write_text("resources: [mine.yaml]\n")
+    (out / "mine.yaml").write_text("kind: ConfigMap\n")
+    r = proj.mlbuild("deploy", "gitops", check=1)
+    assert "dist/gitops/kustomization.yaml was not written by mlbuild" in r.stderr, r.stderr
+    assert "hint: move it elsewhere" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["kustomization.yaml", "mine.yaml"]
+    assert (out / "kustomization.yaml").read_text() == "resources: [mine.yaml]\n"
+    # Moved away, the deploy writes its files beside the user's other one.
+    (out / "kustomization.yaml").unlink()
+    proj.mlbuild("deploy", "gitops")
+    assert (out / "mine.yaml").read_text() == "kind: ConfigMap\n"
+    assert "mine.yaml" not in (out / "kustomization.yaml").read_text()
+    assert "up to date" in proj.mlbuild("deploy", "gitops").stdout
 
 
 def test_down_deletes_exactly_what_mlbuild_applied(proj, kube):

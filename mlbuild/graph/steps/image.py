@@ -15,8 +15,10 @@ Up to date means the recorded tag is still in the engine (one cheap API call).
 
 from __future__ import annotations
 
+import json
 import os
 
+from mlbuild import written
 from mlbuild.backends import dockerapi
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.graph.steps.context import context_of
@@ -145,7 +147,14 @@ class PushStep(Step):
 class ImageTarStep(Step):
     """``deploy PACKAGE-TARGET --image-tar``: the built image as ``docker save`` output
     beside the package directory (``<out>/<service>.image.tar``), for those who want
-    to download the image rather than build it. ``docker load -i`` reads it."""
+    to download the image rather than build it. ``docker load -i`` reads it.
+
+    ``<out>`` may hold the user's files: the tar is written only where there is none
+    or where ``<out>/mlbuild-written.json`` (mlbuild/written.py) records it as
+    mlbuild's; a file of the user by that name stops the step, named, untouched. A
+    tar an older mlbuild wrote before it kept that record is taken as its own when
+    this step's state says it wrote it (same size, and the tar names the same tag).
+    """
 
     kind = "imagetar"
     version = 1
@@ -164,11 +173,40 @@ class ImageTarStep(Step):
         return None if size == outputs["size"] else f"output {outputs['file']} was modified"
 
     def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
+        from mlbuild.state.digest import hash_file
+
         tag = upstream[f"image:{self.params['service']}"]["tag"]
         path = self._path(ctx)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        record = written.Written.open(path.parent, ctx.target.out, self.id)
+        record.check([path.name], adopt=self._written_before(ctx))
+        record.begin([path.name])  # before the tar: a run stopped meanwhile leaves it claimed
         size = engine(ctx).save_image(tag, path)
+        record.wrote(path.name, hash_file(path))
+        record.save()
         return {"file": os.path.relpath(path, ctx.project.root), "size": size, "tag": tag}
+
+    def _written_before(self, ctx: BuildContext):
+        """``adopt`` for Written.check: the tar this step's state says it wrote there."""
+        import tarfile
+
+        prev = ctx.db.get_step(self.id)
+        outputs = prev.outputs if prev is not None else {}
+
+        def adopt(name: str, path) -> bool:
+            if outputs.get("file") != os.path.relpath(path, ctx.project.root):
+                return False
+            try:
+                if os.stat(path).st_size != outputs.get("size"):
+                    return False
+                with tarfile.open(path, "r:") as tf:
+                    member = tf.extractfile("manifest.json")
+                    images = json.load(member) if member is not None else []
+            except (OSError, tarfile.TarError, KeyError, ValueError):
+                return False
+            return isinstance(images, list) and any(
+                isinstance(i, dict) and outputs.get("tag") in (i.get("RepoTags") or ())
+                for i in images)
+        return adopt
 
     def summary(self, outputs: dict) -> str:
         return f"{outputs['file']} ({outputs['size'] / 1e6:.0f} MB, {outputs['tag']})"

@@ -12,8 +12,21 @@ serving (maxUnavailable 0: its pods never stopped) and fails the step. Ctrl-C le
 the rollout as it is; the step is not recorded, so the next deploy applies the same
 objects (a no-op for the API server) and watches again.
 
-Up to date means: the files in ``out`` are the ones written, and (applied) the live
-Deployment carries this step's fingerprint and is available -- reality, not the record.
+Up to date means: the files in ``out`` are the ones written (and none is left over
+from services the target no longer has), and (applied) the live Deployment carries
+this step's fingerprint and is available -- reality, not the record.
+
+``out`` may hold the user's files too (a GitOps repository's folder): the steps
+overwrite and remove there only what ``out/mlbuild-written.json`` says mlbuild wrote
+(mlbuild/written.py has the rule). A file of the same name as one it writes -- the
+user's own ``kustomization.yaml`` -- stops the deploy, naming it, before anything is
+written. NOTE: the user's other files are left where they are, also at the first
+deploy into a folder that already exists: they cannot be lost, the objects are
+applied from the files' texts in memory (not from ``out``), and kustomize reads only
+the files ``kustomization.yaml`` lists. Files of an earlier render that no service of
+the target writes any more (a service removed, an ingress switched off) are removed
+when the record lists them; a file an older mlbuild wrote before it kept the record is
+taken as its own when the step's state shows it wrote exactly that content.
 """
 
 from __future__ import annotations
@@ -21,12 +34,13 @@ from __future__ import annotations
 import os
 import time
 
+from mlbuild import written
 from mlbuild.errors import InvalidInput, StepFailed
 from mlbuild.fsutil import write_atomic
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.kube import render
 from mlbuild.state import keys as keystore
-from mlbuild.state.digest import hash_json
+from mlbuild.state.digest import hash_bytes, hash_file, hash_json
 
 POLL = float(os.environ.get("MLBUILD_K8S_POLL", "1.0"))  # seconds between looks
 LOG_LINES = 20  # of the failing container, in the error
@@ -121,6 +135,11 @@ class KubeStep(Step):
                     return f"output {rel} was modified"
             except FileNotFoundError:
                 return f"output {rel} missing"
+        out = root / ctx.target.kube.out
+        recorded, _ = written.read_record(out)
+        for name in sorted(set(recorded) - self._target_files(ctx)):
+            if os.path.lexists(out / name):
+                return f"output {ctx.target.kube.out}/{name} is left from an earlier render"
         if not outputs.get("applied"):
             return None
         from mlbuild.kube import probe, rollout
@@ -143,19 +162,11 @@ class KubeStep(Step):
 
     # -- deploy ----------------------------------------------------------------------
     def run(self, ctx: BuildContext, upstream: dict, fingerprint: str) -> dict:
-        from mlbuild.state.digest import hash_file
-
         project, target, s = ctx.project, ctx.target, self._service(ctx)
         settings = target.kube
         image = pinned_image(upstream[f"push:{s.name}"])
         texts = self._texts(ctx, image, fingerprint)
-        out = project.root / settings.out
-        out.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for name, text in texts.items():
-            write_atomic(out / name, text)  # a GitOps repo never sees half a file
-            rel = f"{settings.out}/{name}"
-            files[rel] = hash_file(out / name)
+        files = self._write_out(ctx, texts)
         result = {"files": files, "applied": settings.apply, "image": image,
                   "fingerprint": fingerprint}
         if not settings.apply:
@@ -193,6 +204,61 @@ class KubeStep(Step):
             "url": url or "", "image": image, "fingerprint": fingerprint,
             "started_at": time.time(), "applied_deployment": deployment})
         return dict(result, deployment=name, namespace=settings.namespace, url=url)
+
+    def _target_files(self, ctx: BuildContext) -> set[str]:
+        """The names every service of the target writes in ``out`` (from the settings)."""
+        target = ctx.target
+        return {render.KUSTOMIZATION_FILE} | {
+            f for other in ctx.project.services_for(target)
+            for f in render.file_names(other.name, target.kube)}
+
+    def _write_out(self, ctx: BuildContext, texts: dict[str, str]) -> dict[str, str]:
+        """Write ``texts`` into the target's ``out`` by the rule of mlbuild/written.py
+        and remove the recorded files no service writes any more.
+
+        Returns:
+            ``{path relative to the project: digest}`` of the files written.
+
+        Raises:
+            StepFailed: a file to write is not mlbuild's (named); nothing was changed.
+        """
+        settings = ctx.target.kube
+        out = ctx.project.root / settings.out
+        record = written.Written.open(out, settings.out, self.id)
+        record.check(texts, adopt=self._written_before(ctx),
+                     hint=" A kustomization of your own can live in another folder and "
+                          f"list {settings.out} among its resources.")
+        record.begin(texts)
+        files = {}
+        for name, text in texts.items():
+            data = text.encode()
+            write_atomic(out / name, data)  # a GitOps repo never sees half a file
+            files[f"{settings.out}/{name}"] = digest = hash_bytes(data)
+            record.wrote(name, digest)
+        removed, failed = record.remove_stale(self._target_files(ctx))
+        record.save()
+        if removed:
+            ctx.log(f"  removed     {', '.join(removed)} from {settings.out}/ "
+                    "(no service of the target writes them any more)")
+        if failed:
+            ctx.log(f"  kept        {', '.join(failed)} in {settings.out}/: could not remove "
+                    "them (the next deploy tries again)")
+        return files
+
+    def _written_before(self, ctx: BuildContext):
+        """``adopt`` for Written.check: a file in ``out`` that the target's steps recorded
+        writing, with that very content (written by an mlbuild that kept no record)."""
+        prefix = f"{ctx.target.kube.out}/"
+        known: dict[str, set[str]] = {}
+        for sid, rec in ctx.db.all_steps().items():
+            if sid.startswith(f"{self.kind}:{ctx.target.name}/"):
+                for rel, digest in (rec.outputs.get("files") or {}).items():
+                    if rel.startswith(prefix) and "/" not in rel[len(prefix):]:
+                        known.setdefault(rel[len(prefix):], set()).add(digest)
+
+        def adopt(name: str, path) -> bool:
+            return name in known and hash_file(path) in known[name]
+        return adopt
 
     def _watch(self, ctx: BuildContext, client, name: str, deadline_s: float):
         """Look every POLL seconds until the verdict is done or failed, or the deadline
