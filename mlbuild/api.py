@@ -925,3 +925,242 @@ def prepare_serve(service: str, directory=".", file=None, host: str = "127.0.0.1
                   if m.name in p.models and p.models[m.name].path]
         argv = [sys.executable, "-m", "mlbuild.runtime", "--host", host, "--port", str(port)]
         return DevServer(argv, env, app_root, [str(w) for w in watch])
+
+
+# -- profile -----------------------------------------------------------------------------
+
+@dataclass
+class ProfileResult:
+    """What ``profile`` measured and wrote: ``doc`` is profile.json's content."""
+
+    doc: dict
+    out: Path
+    written: list[str]
+
+
+def profile(service: str, directory=".", file=None, target: str | None = None,
+            data: str | None = None, cpus=(0.5, 1, 2), memory_gb=(2,),
+            concurrency=(1, 2, 4, 8, 16, 32), window: float = 3.0, warmup: float = 2.0,
+            slo_p99_ms: float | None = None, out: str | None = None, write: bool = False,
+            on_event=None, say: Callable[[str], None] = _say,
+            on_step: Callable[[int, int, str, str], None] | None = None) -> ProfileResult:
+    """Load-test ``service`` over a grid of CPU and memory limits and recommend both.
+
+    The service runs from its image (built through the graph as for ``target``, a docker
+    target: default the first one deploying it) in a container per grid point; with a
+    process target, or when no Docker engine answers, as a local process without limits
+    (one point; the report says so). See mlbuild/profile/run.py for the loop and
+    recommend.py for the rule.
+
+    Args:
+        data: request bodies, a file relative to ``directory``: one per line (Azure's
+            format) or a JSON list; default the service's schema input sample.
+        cpus, memory_gb: the grid (CPU limits, memory limits in GB).
+        concurrency: the steps, in order; window: seconds measured per step; warmup:
+            seconds of load first, not counted.
+        slo_p99_ms: the latency objective (None: errors alone decide).
+        out: the report's folder (default ``.mlbuild/profile/SERVICE``).
+        write: store the recommendation as tags of the served model versions and as
+            ``models.NAME.resources`` in the manifest.
+        on_step: told (point number, points, point label, step label) as it goes.
+
+    Raises:
+        InvalidInput: a bad argument, target, or data (a body the service answers 4xx
+            to: named by file and line, before any load).
+        StepFailed: the image did not build, or the service never started.
+    """
+    import dataclasses
+    import secrets as _secrets
+
+    from mlbuild.graph.executor import execute
+    from mlbuild.graph.planner import plan_steps
+    from mlbuild.manifest.model import Target
+    from mlbuild.profile import data as pdata
+    from mlbuild.profile import report
+    from mlbuild.profile.recommend import recommend
+    from mlbuild.profile.run import ContainerRunner, Settings, run_grid
+
+    conc = sorted(set(int(c) for c in concurrency))
+    if not conc or conc[0] < 1 or window <= 0 or warmup < 0 or not cpus or not memory_gb \
+            or any(c <= 0 for c in cpus) or any(m <= 0 for m in memory_gb):
+        raise InvalidInput("profile: concurrency steps must be >= 1, --window > 0, "
+                           "--warmup >= 0, --cpus and --memory-gb positive numbers")
+    if slo_p99_ms is not None and slo_p99_ms <= 0:
+        raise InvalidInput("profile: --slo-p99-ms must be positive")
+    base = Path(directory)
+    key = _secrets.token_urlsafe(24)
+    note = None
+    with session(directory, file, lock=True) as s:
+        p = s.project
+        svc = _service_of(p, service)
+        t = _profile_target(p, service, target)
+        bodies = pdata.load_bodies(
+            base / data if data else None,
+            p.path(svc.schema_input) if svc.schema_input else None,
+            shown=data, sample_shown=f"services.{service}.schema.input ({svc.schema_input})")
+        eng = None
+        if t.type == "docker":
+            try:
+                from mlbuild.backends.docker import connect
+
+                eng = connect()
+            except MlbuildError as e:  # no SDK, no engine: the process route, said so
+                note = f"no Docker engine ({e.message}): ran as a local process"
+                say(f"  {note}")
+                t = Target(name=f"{t.name}-as-process", type="process")
+        runtime_env = dict(t.runtime_env(), **svc.runtime_env())
+        if svc.auth == "key":
+            runtime_env["MLBUILD_AUTH_KEYS"] = key
+        if eng is not None:
+            specs = _closure(plan_steps(p, t, s.db), {f"image:{service}"})
+        else:
+            specs = _closure(plan_steps(p, dataclasses.replace(t, services=None)),
+                             {f"context:{service}", f"venv:{svc.environment}"})
+        outcomes = execute(s.context(t), specs, on_event=on_event)
+        got = {o.id: o.outputs for o in outcomes}
+        models = [(o.outputs["name"], o.outputs["version"]) for o in outcomes
+                  if o.kind == "model" and o.outputs]
+        context = next(o.outputs for o in outcomes if o.kind == "context")
+        state_dir = s.db.state_dir
+        if eng is not None:
+            image = got[f"image:{service}"]["tag"]
+            env = {"MLBUILD_MODEL_DIR": context["env"]["MLBUILD_MODEL_DIR"],
+                   "AZUREML_MODEL_DIR": context["env"]["MLBUILD_MODEL_DIR"], **runtime_env}
+            runner = ContainerRunner(eng, image, env, f"{p.name}-{service}-profile",
+                                     {"dev.mlbuild.project": p.name,
+                                      "dev.mlbuild.service": service,
+                                      "dev.mlbuild.profile": "1"})
+            grid = [(c, m) for c in sorted(set(cpus)) for m in sorted(set(memory_gb),
+                                                                        reverse=True)]
+        else:
+            runner = _process_runner(p, svc, got, context, runtime_env, state_dir)
+            grid = [(None, None)]
+    dest = Path(out) if out and Path(out).is_absolute() else \
+        base / out if out else state_dir / "profile" / service
+    settings = Settings(tuple(conc), window, warmup, slo_p99_ms)
+    say(f"  profiling   {service} on {runner.where}: {len(grid)} grid point"
+        f"{'s' if len(grid) != 1 else ''}, concurrency {','.join(map(str, conc))}, "
+        f"{window:g} s a step")
+
+    def check(svc_running):
+        pdata.check_bodies(bodies, svc_running.url,
+                           authorization=f"Bearer {key}" if svc.auth == "key" else None,
+                           say=say)
+
+    points = run_grid(runner, grid, [b.data for b in bodies], settings,
+                      authorization=f"Bearer {key}" if svc.auth == "key" else None,
+                      before_load=check, on_step=on_step)
+    rec = recommend(points, slo_p99_ms, limited=runner.limited)
+    doc = report.profile_json(service, runner.where + (f" ({note})" if note else ""),
+                              runner.limited, points, rec, settings,
+                              data or f"services.{service}.schema.input", len(bodies), t.name)
+    doc["models"] = [f"{n}@{v}" for n, v in models]
+    written = _write_profile(dest, doc)
+    if write:
+        written += _write_recommendation(directory, file, service, models, rec, say)
+    return ProfileResult(doc, dest, written)
+
+
+def _profile_target(p, service: str, name: str | None):
+    """The target a profile runs as: ``name`` (docker or process), else the first docker
+    target deploying ``service``, else the first process target, else a process one."""
+    from mlbuild.manifest.model import Target
+
+    if name is not None:
+        t = p.target(name)
+        if t.type not in ("docker", "process"):
+            raise InvalidInput(f"target {t.name!r} is of type {t.type}: a profile runs on a "
+                               "docker target (or a process target)",
+                               hint="name a docker or process target, or none")
+        return t
+    ts = [t for t in p.targets.values() if any(s.name == service for s in p.services_for(t))]
+    for kind in ("docker", "process"):
+        found = next((t for t in ts if t.type == kind), None)
+        if found is not None:
+            return found
+    return Target(name="profile", type="process")
+
+
+def _closure(specs: list, ids: set[str]) -> list:
+    """The steps ``ids`` and everything they depend on, in plan order."""
+    by_id = {s.id: s for s in specs}
+    keep: set[str] = set()
+    stack = [i for i in ids if i in by_id]
+    while stack:
+        sid = stack.pop()
+        if sid not in keep:
+            keep.add(sid)
+            stack.extend(by_id[sid].deps)
+    return [s for s in specs if s.id in keep]
+
+
+def _process_runner(p, svc, got: dict, context: dict, runtime_env: dict, state_dir: Path):
+    """The service as a process target runs it: the venv's Python on the build context
+    (models, app, runtime), with the runtime's environment."""
+    from mlbuild.graph.steps.context import APP_ROOT, MODEL_ROOT, map_image_path
+    from mlbuild.profile.run import ProcessRunner
+
+    venv = got[f"venv:{svc.environment}"]
+    ctx_dir = p.root / context["dir"]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLBUILD_", "AZUREML_", "AML_", "PYTHON"))}
+    roots = {MODEL_ROOT: ctx_dir / "models", APP_ROOT: ctx_dir / "app",
+             "/var/mlbuild/samples": ctx_dir / "samples"}
+    env.update({k: map_image_path(v, roots) for k, v in context["env"].items()})
+    env.update(runtime_env)
+    env.update(PYTHONPATH=str(ctx_dir / "runtime"), PYTHONUNBUFFERED="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    log = state_dir / "logs" / "profile" / f"{svc.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    python = p.root / venv["dir"] / venv["python"]
+    cwd = ctx_dir / "app" if (ctx_dir / "app").is_dir() else ctx_dir
+    return ProcessRunner([str(python), "-m", "mlbuild.runtime"], env, str(cwd), log)
+
+
+def _write_profile(dest: Path, doc: dict) -> list[str]:
+    import json
+
+    from mlbuild.profile import report
+
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "profile.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (dest / "profile.html").write_text(report.page(doc))
+    return [str(dest / "profile.json"), str(dest / "profile.html")]
+
+
+def _write_recommendation(directory, file, service: str, models: list, rec,
+                          say: Callable[[str], None]) -> list[str]:
+    """``--write``: models.NAME.resources in the manifest (the service's recommendation
+    split evenly over its models: Kubernetes targets sum them), the model steps run again
+    (so the registry records the new resources and a later deploy keeps the tags), then
+    the tags requestedCpu / requestedMemoryInGb on each served version."""
+    import math
+
+    from mlbuild.graph.executor import execute
+    from mlbuild.graph.planner import service_steps
+    from mlbuild.profile.write import set_resources
+
+    if rec.cpu is None and rec.memory_gb is None:
+        raise InvalidInput("--write: there is no recommendation to write",
+                           hint="see the reasons in the report; profile again with a "
+                                "wider grid")
+    names = sorted({n for n, _ in models})
+    share = lambda x: None if x is None else math.ceil(x / len(names) * 100) / 100  # noqa: E731
+    with session(directory, file, lock=True) as s:
+        manifest = s.project.manifest_path
+        set_resources(manifest, {n: (share(rec.cpu), share(rec.memory_gb)) for n in names})
+    written = [str(manifest)]
+    with session(directory, file, lock=True) as s:  # the edited manifest, loaded again
+        specs = [sp for sp in service_steps(s.project, service) if sp.kind == "model"]
+        outcomes = execute(s.context(next(iter(s.project.targets.values()))), specs)
+        tags = {}
+        if rec.cpu is not None:
+            tags["requestedCpu"] = f"{rec.cpu:g}"
+        if rec.memory_gb is not None:
+            tags["requestedMemoryInGb"] = f"{rec.memory_gb:g}"
+        for o in outcomes:
+            mv = s.registry.tag(f"{o.outputs['name']}@{o.outputs['version']}", tags)
+            written.append(mv.ref)
+            say(f"  tagged      {mv.ref}: " + ", ".join(f"{k}={v}" for k, v in tags.items()))
+    say(f"  wrote       models.{{{','.join(names)}}}.resources in {manifest.name}")
+    return written

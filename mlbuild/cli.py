@@ -482,6 +482,82 @@ def invoke(o: Obj, service, target, data, content_type, timeout, url):
         raise StepFailed(f"invoke:{service}", f"the service answered {r.status}")
 
 
+def _numbers(kind):
+    """A click callback: ``"0.5,1,2"`` -> ``(0.5, 1.0, 2.0)`` (or ints)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(x) for x in value.split(",") if x.strip())
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of "
+                                     f"{'integers' if kind is int else 'numbers'}") from None
+    return parse
+
+
+@cli.command()
+@click.argument("service")
+@click.option("-t", "--target", help="Docker target whose image is profiled (default: the "
+                                     "first docker target, else a local process).")
+@click.option("-d", "--data", metavar="FILE",
+              help="Request bodies: one per line (Azure's format) or a JSON list "
+                   "(default: the service's schema input sample).")
+@click.option("--cpus", default="0.5,1,2", show_default=True, callback=_numbers(float),
+              help="CPU limits to try.")
+@click.option("--memory-gb", default="2", show_default=True, callback=_numbers(float),
+              help="Memory limits to try (GB).")
+@click.option("--concurrency", default="1,2,4,8,16,32", show_default=True,
+              callback=_numbers(int), help="Concurrency steps (connections).")
+@click.option("--window", type=float, default=3.0, show_default=True,
+              help="Seconds measured per step.")
+@click.option("--warmup", type=float, default=2.0, show_default=True,
+              help="Seconds of load before the steps, not measured.")
+@click.option("--slo-p99-ms", type=float, help="Latency objective: p99 in milliseconds.")
+@click.option("--out", metavar="DIR", help="Report folder (default: .mlbuild/profile/SERVICE).")
+@click.option("--write", is_flag=True,
+              help="Store the recommendation: model version tags and models.NAME.resources "
+                   "in the manifest.")
+@pass_obj
+def profile(o: Obj, service, target, data, cpus, memory_gb, concurrency, window, warmup,
+            slo_p99_ms, out, write):
+    """Load-test SERVICE at each CPU/memory limit and recommend what it needs.
+
+    Writes profile.json (Azure's keys and every step) and profile.html (plots) to --out."""
+    from mlbuild import api, progress
+    from mlbuild.profile import report
+
+    shown = None if o.json else progress.Display(sys.stderr)
+    current: dict = {}
+
+    def on_step(k, n, label, step):
+        if shown is None:
+            return
+        if current.get("k") != k:
+            if current.get("task"):
+                current["task"].close()
+            current.update(k=k, task=progress.task("profiling", f"{service} [{k}/{n}] "
+                                                                f"{label}"))
+        current["task"].step(k, n, step)
+
+    def say(msg):
+        if not o.json:
+            click.echo(msg, err=True)
+
+    with progress.shown(shown):
+        try:
+            r = api.profile(service, target=target, data=data, cpus=cpus, memory_gb=memory_gb,
+                            concurrency=concurrency, window=window, warmup=warmup,
+                            slo_p99_ms=slo_p99_ms, out=out, write=write,
+                            on_event=Reporter(o), say=say, on_step=on_step, **o.where)
+        finally:
+            if current.get("task"):
+                current["task"].close()
+    if o.json:
+        return _emit_json(r.doc)
+    click.echo(report.table(r.doc))
+    click.echo(f"report: {r.out / 'profile.html'}  (data: {r.out / 'profile.json'})")
+
+
 @cli.command()
 @click.argument("service")
 @click.option("-t", "--target", help="Target (default: default_target).")

@@ -79,6 +79,9 @@ class LoadResult:
             for every response (whatever its status).
         cpu_seconds: user + system CPU time of the generator in the window.
         processes: generator processes that shared the connections.
+        started: ``time.monotonic()`` when the window began (system-wide on Linux, so
+            comparable across processes): lets a caller match its own samples (a
+            container's CPU counter) to the window.
     """
 
     url: str
@@ -92,6 +95,7 @@ class LoadResult:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     cpu_seconds: float = 0.0
     processes: int = 1
+    started: float = 0.0
 
     @property
     def successes(self) -> int:
@@ -131,6 +135,8 @@ class LoadResult:
         self.latency.merge(other.latency)
         self.cpu_seconds += other.cpu_seconds
         self.processes += other.processes
+        if other.started and (not self.started or other.started < self.started):
+            self.started = other.started
 
     def summary(self, percentiles: Sequence[float] = (50, 90, 95, 99, 99.9)) -> dict:
         """A JSON-ready digest: counts, rates, and latency percentiles in milliseconds."""
@@ -447,6 +453,7 @@ async def _drive(url: str, host: str, port: int, reqs: list[bytes], conns: int,
 
     await asyncio.sleep(max(0.0, start_at + warmup - time.monotonic()))
     cpu0 = _cpu_seconds(rusage_who)
+    result.started = time.monotonic()
     t0 = time.perf_counter()
     run.measuring = True
     result.requests = sum(c.busy for c in run.conns)

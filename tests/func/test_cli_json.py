@@ -44,6 +44,7 @@ CASES = {
     "models delete": ([], ["models", "delete", "ridge@1"], "registered"),
     "models tag": ([], ["models", "tag", "ridge", "stage=prod"], "registered"),
     "state reset": ([], ["state", "reset"], "error"),  # the state is sound: nothing to reset
+    "profile": ([], ["profile", "diabetes", "--data", "missing.txt"], "error"),  # no such file
 }
 
 
