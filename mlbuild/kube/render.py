@@ -158,23 +158,6 @@ def memory_quantity(gb: float) -> str:
     return f"{max(1, math.ceil(gb * 1024))}Mi"
 
 
-def resources_hint(models: Iterable) -> object | None:
-    """The resources hint of a service: the sum over its models' ``resources`` (each
-    model is loaded by every replica), or None when no model has one.
-
-    Args:
-        models: objects with a ``resources`` attribute (manifest ``Model``s).
-    """
-    from mlbuild.manifest.model import Resources
-
-    hints = [m.resources for m in models if getattr(m, "resources", None) is not None]
-    if not hints:
-        return None
-    cpus = [h.cpu for h in hints if h.cpu is not None]
-    mems = [h.memory_gb for h in hints if h.memory_gb is not None]
-    return Resources(cpu=sum(cpus) if cpus else None, memory_gb=sum(mems) if mems else None)
-
-
 def _resources(settings: KubeSettings, hint) -> tuple[dict, dict]:
     cpu = max(settings.cpu, getattr(hint, "cpu", None) or 0)
     memory = max(settings.memory_gb, getattr(hint, "memory_gb", None) or 0)
@@ -311,7 +294,7 @@ def render_service(project: str, service: str, image: str, fingerprint: str,
             :func:`secret_name`. Only its name is rendered.
         cors: the allowed CORS origins.
         resources: the models' resources hint (``cpu``, ``memory_gb``; see
-            :func:`resources_hint`), or None.
+            :func:`mlbuild.manifest.model.resources_hint`), or None.
         max_body_bytes: the service's body limit (``max_body_mb``), or None for the
             runtime's default.
 

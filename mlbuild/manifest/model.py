@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from mlbuild.kube.settings import KubeSettings
 
@@ -40,6 +40,23 @@ class Resources:
 
     def config(self) -> dict:
         return {"cpu": self.cpu, "memory_gb": self.memory_gb}
+
+
+def resources_hint(models: Iterable) -> Resources | None:
+    """The resources hint of a service: the sum over its models' ``resources`` (each
+    model is loaded by every replica), or None when no model has one. Targets without a
+    ``cpu``/``memory_gb`` of their own use it (docker: as limits; kubernetes: as the floor
+    of the requests).
+
+    Args:
+        models: objects with a ``resources`` attribute (manifest ``Model``s).
+    """
+    hints = [m.resources for m in models if getattr(m, "resources", None) is not None]
+    if not hints:
+        return None
+    cpus = [h.cpu for h in hints if h.cpu is not None]
+    mems = [h.memory_gb for h in hints if h.memory_gb is not None]
+    return Resources(cpu=sum(cpus) if cpus else None, memory_gb=sum(mems) if mems else None)
 
 
 @dataclass(frozen=True)

@@ -351,3 +351,30 @@ def test_offline_package_builds_without_network(proj, offline, run_id):
     out = json.loads(proj.mlbuild("--json", "deploy", "bundle", "--offline").stdout)
     assert step(out, "wheels:sklearn")["summary"] == f"{first} wheels (0 downloaded)"
     assert sorted(p.name for p in (pkg / "wheels").iterdir()) == names
+
+
+def test_models_resources_size_a_target_without_limits(proj, docker_client):
+    # What `mlbuild profile --write` records: the models' resources are the limits of a
+    # docker target that sets no cpu/memory_gb of its own (and only then).
+    m = proj.root / "mlproject.yaml"
+    before = m.read_text()
+    try:
+        text = re.sub(r"local: \{type: docker, port: (\d+), memory_gb: 1, cpu: 1\}",
+                      r"local: {type: docker, port: \1}", before)
+        m.write_text(text.replace("    tags: {area: diabetes, type: regression}\n",
+                                  "    tags: {area: diabetes, type: regression}\n"
+                                  "    resources: {cpu: 0.5, memory_gb: 0.75}\n"))
+        out = proj.deploy()
+        assert step(out, "container:local/diabetes")["status"] == "ran"
+        host = docker_client.containers.get(_name(proj)).attrs["HostConfig"]
+        assert (host["NanoCpus"], host["Memory"]) == (5 * 10**8, 768 * 1024 * 1024)
+        assert proj.score()[0] == 200
+        # The target's own limits win over the models'.
+        m.write_text(before.replace("    tags: {area: diabetes, type: regression}\n",
+                                    "    tags: {area: diabetes, type: regression}\n"
+                                    "    resources: {cpu: 0.5, memory_gb: 0.75}\n"))
+        proj.deploy()
+        host = docker_client.containers.get(_name(proj)).attrs["HostConfig"]
+        assert (host["NanoCpus"], host["Memory"]) == (10**9, 1024**3)
+    finally:
+        m.write_text(before)

@@ -30,10 +30,10 @@ from unittools import EXAMPLES, REPO
 from mlbuild.kube.render import (FINGERPRINT_ANNOTATION, KEYS_FILE, RUN_AS_UID,
                                  SUPPORTED_KUBERNETES, TEMPLATES, ServiceInput, cpu_quantity,
                                  labels, memory_quantity, render_service, render_target,
-                                 resources_hint, secret_name, secret_object)
+                                 secret_name, secret_object)
 from mlbuild.kube.settings import (CONTAINER_PORT, GRACEFUL_STOP_S, HEALTH_PORT, Autoscale,
                                    Ingress, KubeSettings, Liveness)
-from mlbuild.manifest.model import Model, Resources
+from mlbuild.manifest.model import Model, Resources, resources_hint
 
 kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
 

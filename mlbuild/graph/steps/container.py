@@ -3,7 +3,7 @@
     image:diabetes ──▶ container:local/diabetes
 
 The container is ``<project>-<service>-<target>``, with the target's CPU and memory
-limits, restart policy ``unless-stopped`` and labels naming the project, service,
+limits (where the target sets none: the sum of the service's models' ``resources``), restart policy ``unless-stopped`` and labels naming the project, service,
 target and the step's fingerprint. Keys (``auth: key``) reach it as a read-only
 mounted file, never through the image, its environment or its labels.
 
@@ -46,6 +46,7 @@ from mlbuild.graph.steps.context import context_of
 from mlbuild.graph.steps.image import LABEL_FINGERPRINT, engine
 from mlbuild.graph.steps.process import (GRACEFUL_TIMEOUT, RunningServiceStep, keys_file,
                                          service_port)
+from mlbuild.manifest.model import resources_hint
 from mlbuild.state import keys as keystore
 
 HOST = "127.0.0.1"
@@ -114,7 +115,21 @@ class ContainerStep(RunningServiceStep):
 
     def config(self, ctx: BuildContext) -> dict:
         # The container's name holds the project's.
-        return {"name": ctx.project.name, **super().config(ctx)}
+        out = {"name": ctx.project.name, **super().config(ctx)}
+        cpu, memory_gb = self._limits(ctx)
+        if (cpu, memory_gb) != (ctx.target.cpu, ctx.target.memory_gb):
+            # Only when the models' hint fills a gap: other fingerprints stay as they were.
+            out["limits"] = {"cpu": cpu, "memory_gb": memory_gb}
+        return out
+
+    def _limits(self, ctx: BuildContext) -> tuple[float | None, float | None]:
+        """The container's CPU and memory limits: the target's ``cpu``/``memory_gb``;
+        where it has none, the sum of the service's models' ``resources`` (what
+        ``mlbuild profile --write`` recommends)."""
+        t = ctx.target
+        hint = resources_hint(ctx.project.models[r.name] for r in self._service(ctx).models)
+        return (t.cpu if t.cpu is not None else getattr(hint, "cpu", None),
+                t.memory_gb if t.memory_gb is not None else getattr(hint, "memory_gb", None))
 
     def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
         name = outputs["container"]
@@ -168,10 +183,11 @@ class ContainerStep(RunningServiceStep):
         try:
             # NOTE: inside the try: a Ctrl-C while the engine creates or starts it must
             # not leave NAME-next behind.
+            cpus, memory_gb = self._limits(ctx)
             eng.run_container(candidate, image, network_mode="host", restart="unless-stopped",
-                              env=env, labels=labels, cpus=target.cpu,
-                              memory=f"{int(target.memory_gb * 1024)}m" if target.memory_gb
-                              else None, mounts=mounts, step_id=self.id)
+                              env=env, labels=labels, cpus=cpus,
+                              memory=f"{int(memory_gb * 1024)}m" if memory_gb else None,
+                              mounts=mounts, step_id=self.id)
             self._wait_or_fail(eng, candidate, health_port, port,
                                had_old=old is not None and old.running)
         except BaseException:

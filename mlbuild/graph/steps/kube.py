@@ -39,6 +39,7 @@ from mlbuild.errors import InvalidInput, StepFailed
 from mlbuild.fsutil import write_atomic
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.kube import render
+from mlbuild.manifest.model import resources_hint
 from mlbuild.state import keys as keystore
 from mlbuild.state.digest import hash_bytes, hash_file, hash_json
 
@@ -110,7 +111,7 @@ class KubeStep(Step):
         project, target, s = ctx.project, ctx.target, self._service(ctx)
         mine = render.render_target(project.name, [render.ServiceInput(
             name=s.name, image=image, fingerprint=fingerprint, auth=s.auth,
-            cors=tuple(s.cors), resources=render.resources_hint(self._models(ctx)),
+            cors=tuple(s.cors), resources=resources_hint(self._models(ctx)),
             max_body_bytes=s.max_body_bytes)],
             target.kube)
         # The kustomization lists every service's files: the names alone, known without
