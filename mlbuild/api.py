@@ -89,6 +89,19 @@ def _say_what_to_free(e: MlbuildError, state_dir: Path) -> None:
             e.hint = f"{err.message}: {err.hint}"
 
 
+def _project_root(directory, file) -> Path:
+    """The folder of the manifest found from ``directory`` (or ``file``); ``directory``
+    itself when there is none (the state then lives in ``directory/.mlbuild``)."""
+    from mlbuild.manifest import find_manifest
+
+    try:
+        return find_manifest(Path(directory), file).parent
+    except InvalidInput:
+        if file:
+            raise
+        return Path(directory)
+
+
 @contextmanager
 def session(directory: str | Path = ".", file: str | None = None, *, lock: bool = False,
             on_wait: Callable[[str], None] = _say) -> Iterator[Session]:
@@ -123,16 +136,10 @@ def registry_session(directory: str | Path = ".", file: str | None = None, *,
                      lock: bool = False) -> Iterator[Session]:
     """The registry of the project in ``directory``; works without a manifest too
     (the state then lives in ``directory/.mlbuild``)."""
-    from mlbuild.manifest import find_manifest
     from mlbuild.state.digest import DigestCache
     from mlbuild.state.registry import Registry
 
-    try:
-        root = find_manifest(Path(directory), file).parent
-    except InvalidInput:
-        if file:
-            raise
-        root = Path(directory)
+    root = _project_root(directory, file)
     with _state(root / STATE_DIR, lock) as db:
         digests = DigestCache(db)
         yield Session(None, db, digests, Registry(db, digests))
@@ -459,16 +466,10 @@ def state_reset(directory=".", file=None):
     damaged, keeping the blobs and taking back the services' keys, the deployed model
     versions and the running process releases (see :mod:`mlbuild.state.recover`).
     Refuses when the database is sound. Returns a ResetReport."""
-    from mlbuild.manifest import find_manifest
     from mlbuild.state.lock import ProjectLock
     from mlbuild.state.recover import reset
 
-    try:
-        root = find_manifest(Path(directory), file).parent
-    except InvalidInput:
-        if file:
-            raise
-        root = Path(directory)
+    root = _project_root(directory, file)
     state_dir = root / STATE_DIR
     if not state_dir.is_dir():
         raise InvalidInput(f"no state to reset: {state_dir} does not exist")
@@ -973,7 +974,7 @@ def profile(service: str, directory=".", file=None, target: str | None = None,
     import secrets as _secrets
 
     from mlbuild.graph.executor import execute
-    from mlbuild.graph.planner import plan_steps
+    from mlbuild.graph.planner import closure, plan_steps
     from mlbuild.manifest.model import Target
     from mlbuild.profile import data as pdata
     from mlbuild.profile import report
@@ -1012,9 +1013,9 @@ def profile(service: str, directory=".", file=None, target: str | None = None,
         if svc.auth == "key":
             runtime_env["MLBUILD_AUTH_KEYS"] = key
         if eng is not None:
-            specs = _closure(plan_steps(p, t, s.db), {f"image:{service}"})
+            specs = closure(plan_steps(p, t, s.db), {f"image:{service}"})
         else:
-            specs = _closure(plan_steps(p, dataclasses.replace(t, services=None)),
+            specs = closure(plan_steps(p, dataclasses.replace(t, services=None)),
                              {f"context:{service}", f"venv:{svc.environment}"})
         outcomes = execute(s.context(t), specs, on_event=on_event)
         got = {o.id: o.outputs for o in outcomes}
@@ -1079,19 +1080,6 @@ def _profile_target(p, service: str, name: str | None):
         if found is not None:
             return found
     return Target(name="profile", type="process")
-
-
-def _closure(specs: list, ids: set[str]) -> list:
-    """The steps ``ids`` and everything they depend on, in plan order."""
-    by_id = {s.id: s for s in specs}
-    keep: set[str] = set()
-    stack = [i for i in ids if i in by_id]
-    while stack:
-        sid = stack.pop()
-        if sid not in keep:
-            keep.add(sid)
-            stack.extend(by_id[sid].deps)
-    return [s for s in specs if s.id in keep]
 
 
 def _process_runner(p, svc, got: dict, context: dict, runtime_env: dict, state_dir: Path):

@@ -162,9 +162,14 @@ def image_tar_steps(project: Project, target: Target) -> list[StepSpec]:
 
 def select(specs: list[StepSpec], kinds: set[str]) -> list[StepSpec]:
     """The steps of the given kinds and everything they depend on."""
+    return closure(specs, {s.id for s in specs if s.kind in kinds})
+
+
+def closure(specs: list[StepSpec], ids: set[str]) -> list[StepSpec]:
+    """The steps ``ids`` and everything they depend on, in plan order."""
     by_id = {s.id: s for s in specs}
     keep: set[str] = set()
-    stack = [s.id for s in specs if s.kind in kinds]
+    stack = [i for i in ids if i in by_id]
     while stack:
         sid = stack.pop()
         if sid not in keep:
