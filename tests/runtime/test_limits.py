@@ -14,7 +14,7 @@ import socket
 import time
 
 import pytest
-from conftest import write_script
+from conftest import free_port, write_script
 
 from mlbuild.runtime.__main__ import build_parser
 from mlbuild.runtime.config import (
@@ -324,8 +324,6 @@ def test_unfinished_huge_heads_do_not_grow_memory(start_server, tmp_path):
 
 # -- the health port ---------------------------------------------------------------------
 def test_health_port_limits_slow_and_large_heads(start_server, tmp_path):
-    from conftest import free_port
-
     health = free_port()
     server = start_server(["--entry-script", str(write_script(tmp_path, SCRIPT)),
                            "--health-port", str(health)], env=SLOW_ENV)
