@@ -11,6 +11,9 @@ Routes::
     GET  /metrics          Prometheus text, at once
     OPTIONS *              CORS preflight
 
+Any other path is a 404 whatever the method (OPTIONS, a CORS preflight, is answered
+anywhere); a 405 only on these routes, as azmlinfsrv's Flask answers.
+
 Every route but the three "at once" is held until init() returned (ScoringApp.
 _until_ready), as azmlinfsrv answers nothing before its worker loaded the script.
 
@@ -124,11 +127,16 @@ class AccessLog:
     def line(self, method: str, path: str, status: int, seconds: float, rid: bytes,
              length: bytes | None = None) -> None:
         """Record one request: ``seconds`` it took, ``rid`` its request id, ``length``
-        the response's content-length (None: streamed). A path with control characters
-        (``%0a`` is decoded before we see it) is written escaped: a client cannot forge
-        a log line or send escape sequences to a terminal that shows the log."""
+        the response's content-length (None: streamed). A path or request id with
+        control characters (``%0a`` is decoded before we see the path; a header value may
+        hold a tab and bytes 0x80-0x9f, C1 controls such as CSI once read as latin-1) is
+        written escaped: a client cannot forge a log line or send escape sequences to a
+        terminal that shows the log."""
         if not path.isprintable():
             path = path.encode("unicode_escape").decode("ascii")
+        rid_text = rid.decode("latin-1")
+        if not rid_text.isprintable():
+            rid_text = rid_text.encode("unicode_escape").decode("ascii")
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -142,7 +150,7 @@ class AccessLog:
         self._lines.append(f"{self._stamp},{self._MS[int(now * 1000.0) % 1000]}{self._who}"
                            f"{method} {path} {status} {micros // 1000}.{self._MS[micros % 1000]}ms "
                            f"{'N/A' if length is None else length.decode('latin-1')} "
-                           f"rid={rid.decode('latin-1')}\n")
+                           f"rid={rid_text}\n")
         if len(self._lines) >= self._max:
             self.flush()
         elif self._timer is None:
@@ -192,6 +200,18 @@ def _error(status: int, message: str) -> bytes:
     return json.dumps({"status_code": status, "message": message}).encode()
 
 
+MESSAGE_LIMIT = 2000  # characters of a 400's message: enough to say what is wrong
+
+
+def _clip(message: str) -> str:
+    """``message`` cut to MESSAGE_LIMIT characters. A message about the input may quote
+    it (numpy's repr of a 5 MB string is the string): the answer says what is wrong, it
+    does not send the body back."""
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return f"{message[:MESSAGE_LIMIT]}... ({len(message) - MESSAGE_LIMIT} more characters)"
+
+
 NOT_READY = _error(503, "the service is starting: init() has not returned yet")
 RUN_FAILED_MESSAGE = ("An unexpected error occurred in scoring script. Check the logs for "
                       "more info.")  # azmlinfsrv's words: a 500 never carries the script's
@@ -202,6 +222,13 @@ UNHELD_PATHS = frozenset({"/healthz/live", "/healthz/ready", "/metrics"})
 # RootAccessFilter drops "GET /"), every other answer is.
 PROBE_PATHS = frozenset({"/", "/healthz/live", "/healthz/ready"})
 MAX_HELD = 1000  # requests held at once during init(); more get 503 at once
+# The routes: a method one does not take is a 405 there, a 404 anywhere else.
+ROUTES = frozenset({"/", "/healthz/live", "/healthz/ready", "/score", "/swagger.json",
+                    "/metrics"})
+# Scope key set by the protocol (headlimits.py) when it answered a request in the app's
+# place -- its body was late or broken: the status the client got, for the metrics and
+# the access log, where the app sees only the client leave.
+REFUSED_KEY = "mlbuild.refused"
 
 
 def health_response(path: str, ready: bool):
@@ -610,7 +637,7 @@ class ScoringApp:
             if method == "OPTIONS":
                 status = await self._options(send, headers, origin, cors_ok, req_headers)
                 return
-            if method not in ("GET", "HEAD"):
+            if method not in ("GET", "HEAD") and path in ROUTES:
                 status = 405
                 headers.append((b"allow", b"GET, HEAD, OPTIONS"))
                 await _respond(send, 405, _error(405, f"{method} not allowed on {path}"),
@@ -731,8 +758,8 @@ class ScoringApp:
             body = await _read_body(receive, self._max_body, message)
             if body is None:
                 return await self._too_large(send, headers)
-            if body is False:  # client went away
-                return 499
+            if body is False:  # client went away, or the protocol refused its body
+                return scope.get(REFUSED_KEY, 499)
         else:
             body = message.get("body", b"")
             if len(body) > self._max_body:
@@ -826,7 +853,7 @@ class ScoringApp:
                 return await self._send_result(send, result, headers, scope)
             out = jsonenc.dumps(result)
         except nocode.BadInput as exc:
-            await _respond(send, 400, _error(400, str(exc)), JSON, headers)
+            await _respond(send, 400, _error(400, _clip(str(exc))), JSON, headers)
             return 400
         except RunTimedOut as exc:
             log.error("run() timed out (x-request-id %s): %s",

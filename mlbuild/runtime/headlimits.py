@@ -20,16 +20,33 @@ subclass of that protocol which
   its previous request ended, at most one socket read.) More than MAX_HEADER_COUNT
   headers get 431 too, as gunicorn's and Apache's default limit.
 
+The body is bounded the same way, one phase later (Apache's mod_reqtimeout, whose
+defaults these follow): once the head is in, the body gets ``header_timeout`` more
+seconds, plus one second for every MIN_BODY_RATE bytes that arrived; a body that
+falls behind is answered 408 (or, when the app has answered already, the connection just
+closes). A byte now and then does not hold a connection for ever, and a large upload at
+any real speed is never cut. The clock waits while the server does not read (a request
+queued behind an earlier one, or a body the app has not asked for yet).
+
 Refusals carry ``Connection: close`` and follow the answers to earlier requests on the
 connection. The connection then only reads and drops what the client still sends, for
 at most LINGER seconds (nginx's lingering close): closing a socket with unread data
-resets the connection, and the client would see the reset instead of the answer.
+resets the connection, and the client would see the reset instead of the answer. A
+request the parser rejects (uvicorn answered it at once, ahead of the answers still
+owed to earlier pipelined requests, which were lost) is refused the same way. When a
+request's body is what fails (too slow, or broken chunked framing), its app sees the
+client leave and counts the request as the status the client got (scope key
+``mlbuild.refused``), not as a client that went away.
+
+Upgrade requests (websocket, h2c) are answered as plain HTTP: uvicorn runs with
+``ws="none"`` (server.py); the connection closes after the answer, since the parser
+reads nothing after an upgrade request.
 
 Cost on the hot path: a ``loop.time()`` and a few attribute checks per request, and two
 overridden parser callbacks (~0.7 us of CPU a request, measured on the protocol alone
-with a no-op app; a small predict costs ~250 us). The deadline timer is armed when a
-connection opens and re-armed only when it fires with a head in progress: not once per
-request.
+with a no-op app; a small predict costs ~250 us); the body's deadline adds an addition
+and two stores. The deadline timer is armed when a connection opens and re-armed only
+when it fires with a request in progress: not once per request.
 """
 
 from __future__ import annotations
@@ -41,12 +58,16 @@ import logging
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from mlbuild.runtime.app import _error
+from mlbuild.runtime.app import REFUSED_KEY, _error
 
 log = logging.getLogger("azmlinfsrv")
 
 MAX_HEADER_COUNT = 100
 LINGER = 2.0  # seconds a refused connection drains before it closes
+# Bytes a second a body must average once its grace time (header_timeout) is over:
+# mod_reqtimeout's default MinRate is 500. A 10 MB body may take 10000 s at that rate.
+MIN_BODY_RATE = 1024
+LATE = 1.0  # seconds a deadline timer may fire late before the loop counts as held
 # Bytes of a head that belong to neither the URL nor a header: the method, a space, a
 # leading empty line. A head whose URL takes all but these is a too-long request line.
 _REQUEST_LINE_SLACK = 32
@@ -81,10 +102,14 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         # read; until then uvicorn's keep-alive timer bounds the connection.)
         self._in_head = True
         self._head_used = 0  # bytes of the current head received so far
-        self._head_deadline: float | None = None  # loop time; None: no head in progress
+        # Loop time; None: no request in progress. A head's deadline, then (from
+        # on_headers_complete to on_message_complete) the base of its body's.
+        self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal = 0  # the status a _Refused raised in a callback stands for
         self._refusing = False  # a refusal waits for an earlier request's answer
+        self._body_bytes = 0  # bytes read since the current head was complete
+        self._previous_cycle = None  # the request before the current one (pipelining)
 
     # -- the deadline -------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -112,23 +137,50 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._head_timer = None
         deadline = self._head_deadline
         if deadline is None or self.transport.is_closing():
-            return  # no head in progress: the next one arms the timer again
+            return  # no request in progress: the next one arms the timer again
         now = self.loop.time()
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
+        if not self._in_head:
+            deadline = self._body_deadline(now)
+        elif self.cycle is not None and not self.cycle.response_complete:
             # An earlier request is still being answered; the client sent the next one
             # early. Its time starts again (the answer may take minutes).
             deadline = self._head_deadline = now + self.header_timeout
         if deadline > now:
             self._head_timer = self.loop.call_later(deadline - now, self._head_timer_fired)
             return
-        if self._head_used:
+        if now - deadline > LATE:
+            # NOTE: the event loop was held past the deadline (an inline run() that took
+            # long): what the client sent meanwhile waits unread in the socket, and timers
+            # run before reads. Read it first, then judge.
+            self._head_deadline += now - deadline
+            self._head_timer = self.loop.call_later(0.05, self._head_timer_fired)
+            return
+        if not self._in_head:
+            log.info("%s: request body late (%gs, then %d bytes/s): 408", self._peer(),
+                     self.header_timeout, MIN_BODY_RATE)
+            self._abandon_request(408, f"request body not received in time ({self.header_timeout:g}"
+                                       f" s, then at least {MIN_BODY_RATE} bytes/s)")
+        elif self._head_used:
             log.info("%s: request head not complete after %gs: 408 "
                      "(MLBUILD_HEADER_TIMEOUT)", self._peer(), self.header_timeout)
             self._refuse(408, f"request headers not received within "
                               f"{self.header_timeout:g} s")
         else:
             self._refuse(0, "")
+
+    def _body_deadline(self, now: float) -> float:
+        """When the body being received is late: the head's deadline plus the grace time
+        (set in on_headers_complete), moved on by a second for every MIN_BODY_RATE bytes
+        received."""
+        cycle = self.cycle
+        if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+            # The server is not reading (a request queued behind an earlier one, or a body
+            # its app has not asked for yet; a client that sent "Expect: 100-continue"
+            # waits for us): the client cannot be late. Its time starts again.
+            self._head_deadline = now + self.header_timeout
+            self._body_bytes = 0
+            return self._head_deadline
+        return self._head_deadline + self._body_bytes / MIN_BODY_RATE
 
     # -- the size ------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -144,6 +196,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
                 self._head_overflow(data)
                 return
             self._head_used = used
+        else:
+            self._body_bytes += len(data)
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -166,15 +220,26 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if self._refusal:
             self._refuse(self._refusal, f"more than {MAX_HEADER_COUNT} headers")
             return
+        # NOTE: not uvicorn's send_400_response, which writes at once and closes: the
+        # answers still owed to requests pipelined before this one were lost.
         msg = "Invalid HTTP request received."
         self.logger.warning(msg)
-        self.send_400_response(msg)
+        if self._in_head:
+            self._refuse(400, msg)
+        else:  # the body of the request being received is what is broken
+            self._abandon_request(400, f"{msg} (its body)")
 
     def _upgrade(self) -> None:
-        if self._should_upgrade():
+        if self._should_upgrade():  # never with ws="none" (server.py), kept for others
             self.handle_websocket_upgrade()
+            return
+        # Answered as plain HTTP; the parser reads nothing after an upgrade request, so
+        # the connection ends with that answer (else it would hang until a timeout).
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
         else:
-            self._unsupported_upgrade_warning()
+            self.transport.close()
 
     def _head_overflow(self, data: bytes) -> None:
         """``data`` takes the head past the limit unless the head ends within the limit:
@@ -195,6 +260,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
                 self._refuse_too_large()
                 return
             if not self._in_head:  # the head ended: the rest is its body
+                self._body_bytes += len(data)
                 self._feed(data)
                 return
             # The request ended within the room; the rest starts the next head.
@@ -217,29 +283,64 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._refuse(status, f"{what} larger than {self.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._head_deadline = None
-        self._head_used = 0
         if len(self.headers) > MAX_HEADER_COUNT:
             log.warning("%s: more than %d headers: 431", self._peer(), MAX_HEADER_COUNT)
             self._refusal = 431
             raise _Refused
-        _on_headers_complete(self)
+        if self._head_deadline is not None:  # the body's grace time (see _body_deadline)
+            self._head_deadline += self.header_timeout
+        else:  # a head begun in the read that ended the previous request
+            self._start_clock()
+        self._head_used = 0
+        self._body_bytes = 0
+        self._previous_cycle = self.cycle
+        _on_headers_complete(self)  # may raise (a URL it cannot parse): still a head error
+        self._in_head = False
 
     def on_message_complete(self) -> None:
         self._in_head = True
+        self._head_deadline = None
         _on_message_complete(self)
 
     # -- refusing ------------------------------------------------------------------------
-    def _refuse(self, status: int, message: str) -> None:
+    def _abandon_request(self, status: int, message: str) -> None:
+        """The request being received cannot be finished (its body is broken or late):
+        answer ``status`` in its place, or just close when its answer has begun."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            # Answered already (without reading the whole body): nothing is owed to it.
+            self._refuse(0, "")
+            return
+        cycle.scope[REFUSED_KEY] = status
+        # Its app sees the client leave (http.disconnect), answers nothing and counts the
+        # status given here; nothing it still sends is written.
+        cycle.disconnected = True
+        cycle.waiting_for_100_continue = False
+        cycle.message_event.set()
+        if cycle.response_started:  # mid-answer: no status can be sent any more
+            self._refuse(0, "")
+            return
+        wait_for = None
+        for i, (queued, _app) in enumerate(self.pipeline):
+            if queued is cycle:  # not started: it never will, earlier answers come first
+                del self.pipeline[i]
+                wait_for = self.pipeline[0][0] if self.pipeline else self._previous_cycle
+                break
+        self._refuse(status, message, wait_for)
+
+    def _refuse(self, status: int, message: str, wait_for=False) -> None:
         """Answer ``status`` (0: nothing) with ``Connection: close``, then drain and close.
 
         Nothing more is parsed on this connection: what the client still sends is read
         and dropped for at most LINGER seconds (see the module docstring).
+
+        Args:
+            wait_for: The request whose answer must go first (default: the last one
+                parsed); None: answer now.
         """
         self._stop_clock()
         self.flow.pause_reading()
-        cycle = self.cycle
+        cycle = self.cycle if wait_for is False else wait_for
         if cycle is not None and not cycle.response_complete:
             # Earlier requests (the client sent this one early, or pipelined) are still
             # being answered: ours follows the last of their answers. Nothing is read
@@ -247,7 +348,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             def after_response() -> None:
                 self.on_response_complete()
                 if not self.transport.is_closing():
-                    self._refuse(status, message)
+                    self._refuse(status, message, None)
 
             cycle.on_response = after_response  # this cycle's only, not every request's
             self._refusing = True

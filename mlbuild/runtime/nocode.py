@@ -198,10 +198,11 @@ class SklearnModel:
             array = array.reshape(1, -1)
         try:
             return getattr(self.model, method)(array)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             # NOTE: scikit-learn's input validation (check_array: feature count, non-numeric
-            # or NaN values, wrong rank) raises ValueError: with no code of the user's in
-            # between, that is the request's fault, not the service's.
+            # or NaN values, wrong rank) raises ValueError, and TypeError for cells it
+            # cannot make a number of (objects: float() of a dict): with no code of the
+            # user's in between, that is the request's fault, not the service's.
             n = getattr(self.model, "n_features_in_", None)
             hint = f"; expected rows of {n} features" if n is not None else ""
             raise BadInput(f"the model rejected the input: {exc}{hint}") from None

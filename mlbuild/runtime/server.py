@@ -17,8 +17,10 @@ Request heads, on both listeners: the request line and headers must arrive withi
 connection's start or a request's first byte) and fit in ``max_header_bytes``
 (MLBUILD_MAX_HEADER_BYTES, default 32 KiB): else 408, 414 (request line) or 431
 (headers), then the connection closes; idle keep-alive connections close after
-``keepalive_timeout`` seconds (MLBUILD_KEEPALIVE_TIMEOUT, default 5). The main port's
-protocol is headlimits.py's; the health listener reads through :class:`_HeadReader`.
+``keepalive_timeout`` seconds (MLBUILD_KEEPALIVE_TIMEOUT, default 5). A body on the main
+port gets ``header_timeout`` more, then must keep arriving (408 when it does not). The
+main port's protocol is headlimits.py's; the health listener reads through
+:class:`_HeadReader`.
 
 Start-up::
 
@@ -72,6 +74,7 @@ import socketserver
 import sys
 import threading
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
@@ -276,8 +279,17 @@ class _HeadReader(io.RawIOBase):
         return n
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, for a log line (as the main port's)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 class _HealthHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # NOTE: http.server's default, "HTTP/0.9", is also what it answers a request line it
+    # cannot read with: a bare HTML page without status line or headers. Answers always
+    # carry a status line, as on the main port.
+    default_request_version = "HTTP/1.1"
 
     def setup(self):
         super().setup()  # self.timeout is None: the reader sets the socket's timeouts
@@ -364,8 +376,26 @@ class _HealthHandler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(payload)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s %s %d %.2fms rid=%s (health port)", self.command, path, status,
-                            (time.perf_counter() - started) * 1000.0, rid)
+            access_log.info("%s %s %d %.2fms rid=%s (health port)", self.command,
+                            _printable(path), status, (time.perf_counter() - started) * 1000.0,
+                            _printable(rid))
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a request line, version or method it cannot take,
+        too many headers) in the runtime's JSON error form, not an HTML page."""
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = ""
+        self.close_connection = True
+        payload = _error(code, message or phrase)
+        self.send_response(code, phrase)
+        self.send_header("content-type", JSON.decode())
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
 
     def _wait_ready(self, query: str) -> bool:
         """``?wait=SECONDS`` (at most LONG_POLL_MAX): hold the answer until ready or the
@@ -550,8 +580,13 @@ def _serve(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | 
 
     # NOTE: log_config=None: uvicorn's lines go through the root logger (logformat.py),
     # in the runtime's format and on its stream.
+    # NOTE: ws="none": there is no websocket route, and with a websocket library
+    # installed uvicorn would hand an upgrade request to the app as a websocket scope,
+    # which it cannot answer (uvicorn: a 500, uncounted). Upgrades are answered as plain
+    # HTTP (headlimits.py), whatever is installed.
     uv_config = uvicorn.Config(app, **_fast_options(options), log_level=options.log_level,
-                               log_config=None, access_log=False, server_header=False, lifespan="on",
+                               ws="none", log_config=None, access_log=False,
+                               server_header=False, lifespan="on",
                                proxy_headers=_trust_proxy_headers(),
                                timeout_keep_alive=options.keepalive_timeout,
                                timeout_graceful_shutdown=options.graceful_timeout)
