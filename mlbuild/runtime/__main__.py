@@ -92,8 +92,9 @@ def build_parser(prog: str = "python -m mlbuild.runtime") -> argparse.ArgumentPa
                    help="seconds in-flight requests get after SIGTERM "
                         "[MLBUILD_GRACEFUL_TIMEOUT, default 30]")
     p.add_argument("--header-timeout", dest="header_timeout", type=float,
-                   help="seconds a request's line and headers may take; then 408 and the "
-                        "connection closes [MLBUILD_HEADER_TIMEOUT, default 10]")
+                   help="seconds a request's line and headers may take (its body: as "
+                        "long plus 1 s per KiB); then 408 and the connection closes "
+                        "[MLBUILD_HEADER_TIMEOUT, default 10]")
     p.add_argument("--max-header-bytes", dest="max_header_bytes", type=int,
                    help="larger request lines get 414, larger headers 431 "
                         "[MLBUILD_MAX_HEADER_BYTES, default 32768]")

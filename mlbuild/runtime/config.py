@@ -225,7 +225,8 @@ class ServerOptions:
         header_timeout: Seconds a request's head (request line and headers) may take
             from the connection's start, or from its first byte after a keep-alive
             request; then 408 and close (a connection that sent nothing is just
-            closed). On the health port too.
+            closed). On the health port too. A body gets as long again plus 1 s per KiB
+            received (then 408 too).
         max_header_bytes: Largest request head accepted: a longer request line gets 414,
             longer headers 431, then the connection closes. On the health port too.
         keepalive_timeout: Seconds an idle keep-alive connection stays open.
