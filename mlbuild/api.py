@@ -53,10 +53,13 @@ class _NewCache:
 
 
 @contextmanager
-def _state(state_dir: Path, lock: bool, on_wait=_say) -> Iterator[StateDB]:
+def _state(state_dir: Path, lock: bool, on_wait=_say, read_only: bool = False
+           ) -> Iterator[StateDB]:
+    """The state database, under the project lock when ``lock``; ``read_only`` for a
+    verb that only reads (it then opens also on a full disk, see StateDB)."""
     from mlbuild.state.lock import ProjectLock
 
-    db = StateDB(state_dir)
+    db = StateDB(state_dir, read_only=read_only)
     lk = ProjectLock(state_dir, on_wait=on_wait) if lock else None
     try:
         if lk:
@@ -104,8 +107,10 @@ def _project_root(directory, file) -> Path:
 
 @contextmanager
 def session(directory: str | Path = ".", file: str | None = None, *, lock: bool = False,
-            on_wait: Callable[[str], None] = _say) -> Iterator[Session]:
-    """Open the project in ``directory`` (manifest ``file``, default mlproject.yaml)."""
+            on_wait: Callable[[str], None] = _say, read_only: bool = False
+            ) -> Iterator[Session]:
+    """Open the project in ``directory`` (manifest ``file``, default mlproject.yaml);
+    ``read_only`` for a verb that writes nothing (see StateDB)."""
     from mlbuild.manifest import find_manifest, load_project
     from mlbuild.state.digest import DigestCache
     from mlbuild.state.registry import Registry
@@ -118,7 +123,7 @@ def session(directory: str | Path = ".", file: str | None = None, *, lock: bool 
         # and remember the validation once the database exists.
         fresh = _NewCache()
         project = load_project(manifest, schema_cache=fresh)
-    with _state(state_dir, lock, on_wait) as db:
+    with _state(state_dir, lock, on_wait, read_only) as db:
         if project is None:
             project = load_project(manifest, schema_cache=SchemaCache(db))
         else:
@@ -545,7 +550,7 @@ def status(directory=".", file=None, target: str | None = None) -> list[ServiceS
             raise
         note = f"{manifest.name} does not load ({len(e.problems)} problem" \
                f"{'s' if len(e.problems) != 1 else ''}: mlbuild validate)"
-        with _state(state_dir, lock=False) as db:
+        with _state(state_dir, lock=False, read_only=True) as db:
             deps = db.deployments(target)
         return [_observe(manifest.parent, t, name, _type_of(dep), dep, note)
                 for (t, name), dep in deps.items()]
@@ -558,7 +563,7 @@ def _type_of(record: dict) -> str:
 
 
 def _status(directory, file, target: str | None) -> list[ServiceStatus]:
-    with session(directory, file) as s:
+    with session(directory, file, read_only=True) as s:
         p = s.project
         targets = [_running_target(p, target)] if target else \
             [t for t in p.targets.values() if t.type in RUNNING_TYPES]

@@ -23,9 +23,12 @@ def resolves_outside(root_real: str, path: Path | str) -> str | None:
     """The real path of ``path`` when it resolves outside ``root_real`` (an already
     ``realpath``-ed folder), else None."""
     real = os.path.realpath(path)
-    if real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep):
-        return None
-    return real
+    return None if within(root_real, real) else real
+
+
+def within(root_real: str, real: str) -> bool:
+    """Whether ``real`` is ``root_real`` or lies below it (both already resolved)."""
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
 def link_or_copy(src: Path | str, dst: Path | str) -> bool:

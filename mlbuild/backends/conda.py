@@ -363,6 +363,9 @@ def lock(spec_path: Path | str, out_path: Path | str | None = None, *,
         text = spec.read_text(encoding="utf-8")
     except OSError as e:
         raise InvalidInput(f"cannot read the conda spec {spec}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"the conda spec {spec} is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})", hint=f"save {spec} as UTF-8") from None
     filtered, dropped = filter_spec(text, drop, what=str(spec))
     solver_exe = find_solver(solver)
     command = conda_lock_command()

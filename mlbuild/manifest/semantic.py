@@ -7,7 +7,9 @@ problems elsewhere, and collects every problem instead of stopping at the first:
   ``default_target`` -> targets (with "did you mean");
 * files: model paths, entry scripts, source folders, environment specs and schema
   samples exist, are of the right kind, and stay inside the project (no absolute
-  paths, no ``..``, no symlink that resolves outside);
+  paths, no ``..``, no symlink that resolves outside) and out of mlbuild's state
+  folder (not written in it, no symlink into it, no hard link to its files:
+  :mod:`mlbuild.state.guard`);
 * names: ``<project>-<service>-<target>`` fits a Docker/Kubernetes name (63);
 * process/docker targets do not share a port; an ``out`` folder (package, kubernetes)
   holds no path the project reads (model, code, samples, environment spec, lock file,
@@ -24,13 +26,13 @@ import math
 import os
 import posixpath
 import re
+import stat
 from pathlib import Path
 from types import MappingProxyType
 
 from mlbuild.errors import Problem
 
-STATE_FOLDER = ".mlbuild"  # mlbuild.state.db.STATE_DIR (not imported: it brings sqlite3)
-from mlbuild.fsutil import resolves_outside
+from mlbuild.fsutil import resolves_outside, within
 from mlbuild.kube.settings import SERVICE_TYPES, Autoscale, Ingress, KubeSettings, Liveness
 from mlbuild.manifest import nocode
 from mlbuild.manifest.model import (
@@ -47,6 +49,8 @@ from mlbuild.manifest.model import (
 )
 from mlbuild.manifest.suggest import did_you_mean
 from mlbuild.manifest.yamlload import dotted, line_of
+from mlbuild.state.guard import STATE_DIR as STATE_FOLDER
+from mlbuild.state.guard import StateGuard
 
 MAX_OBJECT_NAME = 63  # a DNS label: Kubernetes object and container names
 DEFAULT_PROCESS_PORT = 8890
@@ -104,6 +108,7 @@ class _Builder:
         self.digest = digest
         self.root = manifest_path.parent
         self.root_real = os.path.realpath(self.root)
+        self.guard = StateGuard(self.root / STATE_FOLDER)
         self.problems: list[Problem] = []
         # Where the package and kubernetes targets checked so far write:
         # (path, "where target 'p' writes service s").
@@ -183,18 +188,30 @@ class _Builder:
             return None
         full = os.path.join(self.root, rel)
         try:
-            real = resolves_outside(self.root_real, full)
-            if real is not None:
+            real = os.path.realpath(full)
+            if not within(self.root_real, real):
                 self.add(path, f"{value!r} resolves to {real!r}, outside the project folder "
                                "(a symlink?)")
                 return None
             if kind is None:
                 return rel
-            if not os.path.exists(full):
+            try:
+                st = os.stat(real)
+            except OSError:  # (what os.path.exists says False for)
+                st = None
+            # A symlink into the state folder (also one spelt .MLBUILD), or a hard link
+            # to one of its files. (A file with one link cannot be a hard link: the
+            # set of the state's files is read only for the rare one with several.)
+            why = self.guard.why(full, real=real, st=st,
+                                 links=st is not None and st.st_nlink > 1)
+            if why is not None:
+                self.add(path, f"{value!r} {why}: point at a file or folder of your own")
+                return None
+            if st is None:
                 self.add(path, f"{value!r} does not exist{missing}")
-            elif kind == "file" and not os.path.isfile(full):
+            elif kind == "file" and not stat.S_ISREG(st.st_mode):
                 self.add(path, f"{value!r} is not a file")
-            elif kind == "dir" and not os.path.isdir(full):
+            elif kind == "dir" and not stat.S_ISDIR(st.st_mode):
                 self.add(path, f"{value!r} is not a folder")
         except (OSError, ValueError) as e:
             self.add(path, f"{value!r} cannot be checked: {e}")

@@ -20,6 +20,10 @@ an earlier state remains (its -wal file, blobs, keys, releases), opening it rais
 the next deploy, re-registering the models and generating new keys while the old
 service still runs. ``mlbuild state reset`` (:mod:`mlbuild.state.recover`) is the
 explicit way to start a new one.
+
+A verb that only reads (``status``) opens it with ``read_only``: where a full or
+read-only file system leaves SQLite no room for its ``-shm`` index, the file is then
+read as it is on disk (when no change waits in its ``-wal``) instead of refused.
 """
 
 from __future__ import annotations
@@ -28,17 +32,21 @@ import json
 import os
 import secrets
 import sqlite3
+import stat
 import time
+import urllib.parse
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
 from mlbuild import fsutil
 from mlbuild.errors import LockTimeout, StateCorrupt, StateError, StateLost
 from mlbuild.state import space
+from mlbuild.state.guard import STATE_DIR  # noqa: F401 (defined there, without sqlite3)
+from mlbuild.state.guard import StateGuard
 
 SCHEMA_VERSION = 2
-STATE_DIR = ".mlbuild"
 DB_NAME = "state.db"
 ID_NAME = "state.id"  # written once the database exists: "this project has a state"
 RESET = "mlbuild state reset"
@@ -127,19 +135,28 @@ class StateDB:
         StateLost: the file is missing, empty or without tables where a state was.
         DiskFull: a write did not fit (also raised by the methods that write).
         LockTimeout: another process kept the database locked.
-        StateError: read-only, unopenable, an I/O error, or from a newer mlbuild.
+        StateError: read-only, unopenable, an I/O error, a directory (not a file), or
+            from a newer mlbuild.
     """
 
-    def __init__(self, state_dir: Path, *, new: bool = False):
+    def __init__(self, state_dir: Path, *, new: bool = False, read_only: bool = False):
         """``new``: make a new database even where traces of a lost one remain (what
-        ``mlbuild state reset`` does once it moved the remains aside)."""
+        ``mlbuild state reset`` does once it moved the remains aside).
+
+        ``read_only``: for a verb that only reads (``status``). Where SQLite cannot open
+        the database for lack of room (or on a read-only file system: its ``-shm``
+        index cannot be made), it is read as it is on disk, without locks, provided no
+        change waits in its ``-wal``; :attr:`read_only` is then True and writes fail.
+        """
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
+        self.read_only = False
         try:
             # Only its owner may read it: it holds the services' auth keys.
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self.state_dir.stat().st_mode & 0o077:
                 os.chmod(self.state_dir, 0o700)
+            self._refuse_if_not_a_file()
             # Before SQLite sees the file: it deletes a -wal file whose database is
             # empty, and the -wal may be all that is left of the lost state.
             if not new and not self._has_content():
@@ -165,9 +182,42 @@ class StateDB:
         except BaseException as e:
             self.close()
             if isinstance(e, sqlite3.Error):
-                raise self._error(e) from e
+                err = self._error(e)
+                if read_only and self._open_as_on_disk(e):
+                    return
+                raise err from e
             raise
         self._mark(new)
+
+    def _open_as_on_disk(self, err: sqlite3.Error) -> bool:
+        """Open the database file alone, read-only and without locks (SQLite's
+        ``immutable``), after ``err`` refused the ordinary way. Only where that reads
+        the whole state: no change waiting in the -wal, tables of this format."""
+        code = getattr(err, "sqlite_errorcode", None)
+        if code is None or code & 0xFF not in (_FULL, _IOERR, _READONLY, _CANTOPEN):
+            return False  # (locked, damaged: a read without locks would not help)
+        try:
+            if os.path.getsize(f"{self.path}-wal"):
+                return False  # the last changes are there: the file alone is stale
+        except OSError:
+            pass  # no -wal: the file holds everything
+        try:
+            uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?immutable=1"
+            self.conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            row = self._schema_row()
+        except sqlite3.Error:
+            self.close()
+            return False
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            self.close()
+            return False
+        self.read_only = True
+        return True
+
+    @cached_property
+    def guard(self) -> StateGuard:
+        """What keeps this state out of the project's inputs (one per command)."""
+        return StateGuard(self.state_dir)
 
     # -- what went wrong ------------------------------------------------------------
 
@@ -204,6 +254,14 @@ class StateDB:
         return self._corrupt(err)  # SQLITE_CORRUPT, SQLITE_NOTADB, a schema not ours
 
     def _corrupt(self, err: Exception) -> StateError:
+        if self.read_only:  # read without locks: a writer may have changed it meanwhile
+            return StateError(
+                f"the state database {self.path} could not be read as it is on disk "
+                f"({err}): it was read without locks, SQLite could not open it the "
+                "ordinary way (a full or read-only file system), and may have been "
+                "written meanwhile",
+                hint="run again (once there is room, it is read the ordinary way); "
+                "nothing was changed")
         return StateCorrupt(
             f"the state database {self.path} is unreadable: {err}",
             hint=f"restore it from a backup; or move it aside (mv {self.path} "
@@ -256,6 +314,24 @@ class StateDB:
         if len(found) > 3:  # the caches say no more than the rest
             found = [f for f in found if f.rstrip("/") not in ("contexts", "venvs", "logs")]
         return found
+
+    def _refuse_if_not_a_file(self) -> None:
+        """A folder (or a FIFO, a device) where state.db belongs: SQLite would only say
+        SQLITE_CANTOPEN, which reads as a permission problem."""
+        try:
+            mode = self.path.stat().st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISREG(mode):
+            return
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        how = f"is {what}, not the database file (mlbuild did not make it)"
+        self._refuse_if_lost(how)  # a state was here: restore it, or reset
+        raise StateError(
+            f"the state database {self.path} {how}",
+            hint=f"look at what it holds and move it aside (mv {self.path} "
+            f"{self.path}.moved); mlbuild then makes a new database there. Nothing was "
+            "changed")
 
     def _refuse_if_lost(self, how: str) -> None:
         traces = self.traces()
@@ -483,4 +559,5 @@ class SchemaCache:
         return self.db.validated_seen(key)
 
     def add(self, key: str) -> None:
-        self.db.validated_add(key)
+        if not self.db.read_only:  # (a cache: remembered by the next run that can write)
+            self.db.validated_add(key)

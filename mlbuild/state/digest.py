@@ -85,10 +85,16 @@ class DigestCache:
 
     Lookups are served from one bulk read of the table; new digests are kept in
     memory and written by :meth:`flush` in one transaction.
+
+    Every file mlbuild takes as input is digested here first, so this is where a
+    file that is one of the state's own (state.db, a key file: under another name, by
+    a hard or a symbolic link) is refused, on the ``stat`` made anyway
+    (:class:`mlbuild.state.guard.StateGuard`).
     """
 
     def __init__(self, db=None):
         self.db = db
+        self.guard = getattr(db, "guard", None)
         self._mem: dict[str, tuple[int, int, int, str]] | None = None
         self._dirty: dict[str, tuple[int, int, int, str]] = {}
         self.hashed_bytes = 0  # how much content was actually read (for tests/benchmarks)
@@ -112,6 +118,10 @@ class DigestCache:
             raise InvalidInput(f"cannot read {path}: {e.strerror}") from e
         if not stat_mod.S_ISREG(st.st_mode):
             raise InvalidInput(f"{path} is not a regular file")
+        if self.guard is not None and self.guard.private_file(st) is not None:
+            shown = self.guard.shown(p)
+            raise InvalidInput(f"{shown} {self.guard.why(p, st=st)}: mlbuild does not read it",
+                               hint=f"remove the link (rm {shown}); the file it names stays")
         key = (st.st_size, st.st_mtime_ns, st.st_ino)
         hit = self._load().get(p)
         if hit is not None and hit[:3] == key:
@@ -143,7 +153,7 @@ class DigestCache:
 
     def flush(self) -> None:
         """Write new digests to the database."""
-        if self.db is None or not self._dirty:
+        if self.db is None or not self._dirty or getattr(self.db, "read_only", False):
             return
         with self.db.transaction() as c:
             c.executemany(

@@ -223,21 +223,32 @@ class Registry:
         src = Path(src)
         if not src.exists():
             raise InvalidInput(f"cannot register {src}: no such file or folder")
+        # mlbuild's state (the folder, a file of it, a link to either) would be copied
+        # into the blob store, and from there into contexts, images and packages.
+        guard = self.db.guard
+        if why := guard.why(src):
+            raise InvalidInput(f"cannot register {src}: it {why}",
+                               hint="register a model file or folder of your own")
         if src.is_dir():
             files = [(f"{src.name}/{rel}", p) for rel, p in walk_files(src)]
             if not files:
                 raise InvalidInput(f"cannot register {src}: the folder holds no files")
             # A link that leaves the folder would register (and ship) another file's
-            # content -- /etc/passwd, a key -- under the model's name.
-            from mlbuild.fsutil import resolves_outside
+            # content -- /etc/passwd, a key -- under the model's name. (A hard link to
+            # a file of the state is refused where its digest is taken.)
+            from mlbuild.fsutil import within
 
             root = os.path.realpath(src)
             for rel, p in files:
-                real = resolves_outside(root, p)
-                if real is not None:
+                real = os.path.realpath(p)
+                if not within(root, real):
                     raise InvalidInput(f"cannot register {src}: {rel.split('/', 1)[1]} is a "
                                        f"link to {real}, outside the folder",
                                        hint="copy the file into the folder, or remove the link")
+                if guard.holds(real):  # the folder holds the project (.MLBUILD, a link)
+                    raise InvalidInput(f"cannot register {src}: {rel.split('/', 1)[1]} "
+                                       f"{guard.why(p, real=real, links=False)}",
+                                       hint="register a model file or folder of your own")
         else:
             files = [(src.name, src)]
         listing = [(rel, self.digests.file(p), p.stat().st_size) for rel, p in files]

@@ -59,22 +59,32 @@ def build_tools() -> dict[str, Path]:
 
 def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], str | None]:
     """Files of the app folder as ``(path in context, source, display path)`` and the
-    entry script's path inside ``app/`` (None for a no-code service)."""
+    entry script's path inside ``app/`` (None for a no-code service).
+
+    Raises:
+        InvalidInput: a file resolves outside the project or into mlbuild's state
+            folder (a hard link to one of the state's files is refused where its
+            digest is taken, :class:`mlbuild.state.digest.DigestCache`).
+    """
     project = ctx.project
+    guard = ctx.db.guard
     out: list[tuple[str, Path, str]] = []
     entry_in_app = None
     src = service.source_dir
     if src:
         root_real = os.path.realpath(project.root)
         for rel, p in walk_files(project.path(src)):
-            real = fsutil.resolves_outside(root_real, p)
-            if real is not None:
+            real = os.path.realpath(p)
+            if not fsutil.within(root_real, real):
                 raise InvalidInput(f"services.{service.name}.source_dir: {src}/{rel} is a "
                                    f"symlink to {real}, outside the project",
                                    hint="copy the file into the project, or remove the link")
+            if guard.holds(real):
+                guard.refuse(f"services.{service.name}.source_dir", f"{src}/{rel}", p, real)
             out.append((f"app/{rel}", p, f"{src}/{rel}"))
     if service.entry_script:
         es = service.entry_script
+        check_not_state(ctx, f"services.{service.name}.entry_script", es)
         if src and (es + "/").startswith(src.rstrip("/") + "/"):
             entry_in_app = posixpath.relpath(es, src)
         else:
@@ -84,9 +94,18 @@ def app_files(ctx: BuildContext, service) -> tuple[list[tuple[str, Path, str]], 
     return sorted(out), entry_in_app
 
 
+def check_not_state(ctx: BuildContext, field: str, rel: str) -> None:
+    """Refuse the manifest path ``rel`` when it leads into mlbuild's state folder (a
+    symlink made after the manifest was checked). Raises InvalidInput."""
+    p = ctx.project.path(rel)
+    real = os.path.realpath(p)
+    if ctx.db.guard.holds(real):
+        ctx.db.guard.refuse(field, rel, p, real)
+
+
 class ContextStep(Step):
     kind = "context"
-    version = 5
+    version = 6
     templates = ("Dockerfile.j2",)
 
     def _service(self, ctx):
@@ -115,8 +134,9 @@ class ContextStep(Step):
 
             for rel, p in installer_files():
                 files[f"<mlbuild>/{rel.removeprefix('mlbuild/')}"] = d.file(p)
-        for sample in (s.schema_input, s.schema_output):
+        for key, sample in (("input", s.schema_input), ("output", s.schema_output)):
             if sample:
+                check_not_state(ctx, f"services.{s.name}.schema.{key}", sample)
                 files[sample] = d.file(ctx.project.path(sample))
         for rel, p in runtime_files():
             files[f"<mlbuild>/{rel.removeprefix('runtime/')}"] = d.file(p)

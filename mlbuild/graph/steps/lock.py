@@ -44,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 from mlbuild import fsutil
-from mlbuild.errors import StepFailed
+from mlbuild.errors import InvalidInput, StepFailed
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.state.digest import hash_bytes
 
@@ -78,7 +78,8 @@ def spec_lines(ctx: BuildContext, env) -> tuple[list[str], list[str]]:
     from mlbuild.backends.conda import AZUREML_REPLACED, canonical_name, requirement_name
 
     if env.requirements:
-        lines = ctx.project.path(env.requirements).read_text().splitlines()
+        lines = read_text(ctx.project.path(env.requirements), env.requirements,
+                          f"environments.{env.name}.requirements").splitlines()
     else:
         lines = list(env.packages)
     kept, dropped = [], []
@@ -91,9 +92,35 @@ def spec_lines(ctx: BuildContext, env) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
+def read_text(path: Path, shown: str, what: str) -> str:
+    """A requirements or lock file's text: UTF-8, what uv reads.
+
+    Args:
+        shown: the path to name in errors; what: what the file is (the manifest field).
+
+    Raises:
+        InvalidInput: it cannot be read, or is not UTF-8 (naming the line).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"{what}: cannot read {shown}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InvalidInput(
+            f"{what}: {shown} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): "
+            "mlbuild reads requirement files as UTF-8",
+            hint=f"save {shown} as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8), or remove the "
+            "character") from None
+
+
 def first_line(path: Path) -> str | None:
     try:
-        with open(path, encoding="utf-8") as fh:
+        # (errors replaced: a line that is not UTF-8 is no mlbuild header, and the
+        # whole file says so when it is read)
+        with open(path, encoding="utf-8", errors="replace") as fh:
             return fh.readline()
     except OSError:
         return None
@@ -229,7 +256,8 @@ class LockStep(Step):
             ctx.log(f"  notice      {name} dropped from environment {env.name}: mlbuild's "
                     "runtime replaces it")
         cwd = project.path(env.requirements).parent if env.requirements else project.root
-        previous = lock.read_text() if lock.exists() and not upgrade else None
+        previous = read_text(lock, rel, f"the lock of environments.{env.name}") \
+            if lock.exists() and not upgrade else None
         try:
             body = resolve(kept, python, PLATFORM, cwd, previous, upgrade)
         except ResolveError as e:
@@ -253,7 +281,7 @@ class LockStep(Step):
             body = conda.install_text(lock)
             pins = len(conda.locked_packages(lock, "linux-64"))
         else:
-            text = lock.read_text()
+            text = read_text(lock, rel, f"the lock of environments.{self._env(ctx).name}")
             body = packages_of(text)
             pins = len(pins_of(text))
         return {"file": rel, "digest": ctx.digests.file(lock), "pins": pins, "how": how,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from mlbuild.errors import InvalidInput
-from mlbuild.fsutil import resolves_outside
+from mlbuild.fsutil import within
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.state.digest import walk_files
 
@@ -38,15 +38,24 @@ class ModelStep(Step):
             return {}
         m = self._model(ctx)
         p = ctx.project.path(m.path)
+        # Into mlbuild's state folder (also a symlink made after the manifest was
+        # checked), or a file of it: refused. (A hard link to one of the state's files
+        # is refused where its digest is taken, DigestCache.file.)
+        guard = ctx.db.guard
+        real = os.path.realpath(p)
+        if guard.holds(real):
+            guard.refuse(f"models.{m.name}.path", m.path, p, real)
         if p.is_dir():
             root_real = os.path.realpath(ctx.project.root)
             files = {}
             for rel, f in walk_files(p):
-                real = resolves_outside(root_real, f)
-                if real is not None:
+                real = os.path.realpath(f)
+                if not within(root_real, real):
                     raise InvalidInput(
                         f"models.{m.name}.path: {m.path}/{rel} is a symlink to {real}, "
                         "outside the project", hint="copy the file into the project")
+                if guard.holds(real):
+                    guard.refuse(f"models.{m.name}.path", f"{m.path}/{rel}", f, real)
                 files[f"{m.path}/{rel}"] = ctx.digests.file(f)
             return files
         return {m.path: ctx.digests.file(p)}
