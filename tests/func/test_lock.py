@@ -121,13 +121,13 @@ def test_a_hash_mismatch_stops_the_build_and_names_the_file(cli: CLI, diabetes: 
 
 
 def test_offline_runtime_requirements_must_fit_the_lock(cli: CLI, diabetes: Path):
-    """The serving runtime needs uvicorn>=0.30: a lock pinning an older one cannot make
+    """The serving runtime needs uvicorn>=0.54: a lock pinning an older one cannot make
     an offline image (it would hold both versions); said at once, naming both."""
     spec = diabetes / "envs/requirements.txt"
     spec.write_text(spec.read_text() + "uvicorn==0.29.0\n")
     r = cli("deploy", "bundle", "--offline", check=1, timeout=300)
     assert "the serving runtime's requirements conflict with the lock of environment " \
            "sklearn" in r.stderr
-    assert "The user requested uvicorn>=0.30" in r.stderr
+    assert "The user requested uvicorn<0.56 and >=0.54" in r.stderr
     assert "The user requested (constraint) uvicorn==0.29.0" in r.stderr
     assert "Traceback" not in r.stderr and not (diabetes / "dist/package").exists()
