@@ -155,6 +155,24 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class Batching:
+    """``services.NAME.batching``: adaptive micro-batching in the runtime (its
+    ``MLBUILD_BATCH_MAX_SIZE`` and ``MLBUILD_BATCH_MAX_LATENCY_MS``)."""
+
+    max_batch_size: int
+    max_latency_ms: float | None = None  # None: the runtime's default (10 ms)
+
+    def config(self) -> dict:
+        return {"max_batch_size": self.max_batch_size, "max_latency_ms": self.max_latency_ms}
+
+    def runtime_env(self) -> dict[str, str]:
+        env = {"MLBUILD_BATCH_MAX_SIZE": str(self.max_batch_size)}
+        if self.max_latency_ms is not None:
+            env["MLBUILD_BATCH_MAX_LATENCY_MS"] = f"{self.max_latency_ms:g}"
+        return env
+
+
+@dataclass(frozen=True)
 class Service:
     """A scoring service: an entry script (or a no-code model) in an environment (a
     no-code service's may be its framework's default one)."""
@@ -169,6 +187,7 @@ class Service:
     auth: str = "none"
     cors: tuple[str, ...] = ()
     max_body_mb: float | None = None  # None: the runtime's default (10 MiB)
+    batching: Batching | None = None  # None: requests are scored one by one
     line: int | None = field(default=None, compare=False)
 
     @property
@@ -186,9 +205,12 @@ class Service:
     def runtime_env(self) -> dict[str, str]:
         """The runtime's variables for this service's own limits (the ones set): what
         the image declares, and what the process and kubernetes targets set too."""
-        if self.max_body_mb is None:
-            return {}
-        return {"MLBUILD_MAX_BODY_BYTES": str(self.max_body_bytes)}
+        env = {}
+        if self.max_body_mb is not None:
+            env["MLBUILD_MAX_BODY_BYTES"] = str(self.max_body_bytes)
+        if self.batching is not None:
+            env.update(self.batching.runtime_env())
+        return env
 
     def config(self) -> dict:
         return {
@@ -203,6 +225,7 @@ class Service:
             # NOTE: only when set, so that the fingerprints of services written before
             # this setting existed do not change.
             **({"max_body_mb": self.max_body_mb} if self.max_body_mb is not None else {}),
+            **({"batching": self.batching.config()} if self.batching is not None else {}),
         }
 
 

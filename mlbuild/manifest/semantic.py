@@ -16,6 +16,8 @@ problems elsewhere, and collects every problem instead of stopping at the first:
   the manifest; also through a symlink) and no other target writes where a package
   target replaces ``<out>/<service>``;
 * a service without an entry script has exactly one no-code model;
+* a service's batching window is shorter than the scoring timeout of each target
+  that runs it;
 * a service without an environment is a no-code one: it gets the default environment
   of its model's framework (:mod:`mlbuild.manifest.nocode`), added to the Project.
 """
@@ -43,6 +45,7 @@ from mlbuild.manifest.model import (
     Model,
     ModelRef,
     Project,
+    Batching,
     Resources,
     Service,
     Target,
@@ -230,6 +233,7 @@ class _Builder:
         targets = self.targets(set(services) | set(_mapping(self.data.get("services"))), inputs)
         default = self.default_target(targets)
         self.check_name_lengths(name, services, targets)
+        self.check_batching(services, targets)
         if name is None:
             return None, self.problems
         project = Project(
@@ -401,9 +405,52 @@ class _Builder:
                 cors=tuple(c for c in cors if isinstance(c, str))
                 if isinstance(cors, list) else (),
                 max_body_mb=self.number(s.get("max_body_mb"), base + ("max_body_mb",)),
+                batching=self.batching(s.get("batching")),
                 line=self.line(base),
             )
         return out
+
+    def batching(self, value) -> Batching | None:
+        """``services.NAME.batching``, or None when absent or of the wrong shape (the
+        schema reports that)."""
+        if not isinstance(value, dict):
+            return None
+        size = self.whole(value.get("max_batch_size"))
+        latency = value.get("max_latency_ms")
+        if size is None or size < 1:
+            return None
+        if latency is not None:
+            try:
+                latency = float(latency) if _is_number(latency) else math.nan
+            except OverflowError:
+                latency = math.nan
+            if not 0 <= latency < math.inf:
+                return None
+        return Batching(max_batch_size=size, max_latency_ms=latency)
+
+    def check_batching(self, services: dict, targets: dict) -> None:
+        """A batching window must end before the scoring timeout of every target that
+        runs the service: else a request that comes alone times out waiting for company."""
+        from mlbuild.runtime.config import DEFAULT_BATCH_MAX_LATENCY_MS
+
+        for s in services.values():
+            if s.batching is None:
+                continue
+            window = s.batching.max_latency_ms
+            path = ("services", s.name, "batching")
+            if window is None:
+                window = DEFAULT_BATCH_MAX_LATENCY_MS
+            else:
+                path += ("max_latency_ms",)
+            for t in targets.values():
+                if t.services is not None and s.name not in t.services:
+                    continue
+                timeout = t.kube.scoring_timeout_ms if t.kube else t.scoring_timeout_ms
+                if timeout is not None and window >= timeout:
+                    self.add(path, f"a window of {window:g} ms is not shorter than the "
+                                   f"scoring_timeout_ms of target {t.name!r} ({timeout}): a "
+                                   "request that comes alone would time out waiting for its "
+                                   "batch")
 
     def default_environment(self, model: Model, envs: dict) -> str | None:
         """The name of ``model``'s no-code default environment, added to ``envs``

@@ -15,9 +15,20 @@ scalars in run()'s return value are JSON-encoded), ``inference-schema`` (decorat
 ``scikit-learn``/``joblib`` (no-code models).
 
 Importing this package (as opposed to ``mlbuild.runtime.server``) loads only the
-standard library, so entry scripts may use :func:`get_model_path` cheaply.
+standard library, so entry scripts may use :func:`get_model_path` cheaply, and
+``from mlbuild.runtime import batched`` to mark a batched ``run`` (batching.py).
 """
 
 from mlbuild.runtime.models import ModelNotFoundError, get_model_path
 
-__all__ = ["ModelNotFoundError", "get_model_path"]
+__all__ = ["ModelNotFoundError", "batched", "get_model_path"]
+
+
+def __getattr__(name: str):
+    # NOTE: loaded on first use (PEP 562): batching.py imports asyncio, which a script
+    # that only wants get_model_path need not pay for.
+    if name == "batched":
+        from mlbuild.runtime.batching import batched
+
+        return batched
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,6 +39,13 @@ costs two thread hand-offs and GIL ping-pong per request. Inline blocks other re
 (health checks too) while run() works, exactly like the Azure sync worker; services with
 long runs set MLBUILD_RUN_DISPATCH=thread (or write `async def run`).
 
+NOTE on adaptive batching (batching.py): with MLBUILD_BATCH_MAX_SIZE set, a no-code
+model's requests, and always a ``@batched`` run()'s, go to the :class:`~mlbuild.runtime.
+batching.Batcher` instead, which scores them in batches in the run thread; a request's
+answer is made from its own result exactly as below (its own 400 or 500; 500 with the
+batcher's message when its batch failed as a whole; 503 when the server stopped first).
+Without it nothing changes: one ``is None`` test a request.
+
 NOTE on the request timeout (MLBUILD_REQUEST_TIMEOUT seconds, else azmlinfsrv's
 SCORING_TIMEOUT_MS; none by default, as the hot path stays inline then). An inline run()
 holds the event loop, so nothing could answer at the deadline: with a timeout set, a sync
@@ -71,7 +78,7 @@ import traceback
 from time import perf_counter
 from urllib.parse import parse_qs
 
-from mlbuild.runtime import compat, jsonenc, nocode, openapi, scoring
+from mlbuild.runtime import batching, compat, jsonenc, nocode, openapi, scoring
 from mlbuild.runtime.compat import AMLRequest
 from mlbuild.runtime.config import RuntimeConfig
 from mlbuild.runtime.metrics import Metrics
@@ -432,6 +439,7 @@ class ScoringApp:
         self._timeout = config.request_timeout
         self._runner = (RunThread() if config.dispatch == "thread" or self._timeout
                         or config.max_concurrent_requests else None)
+        self._batcher: batching.Batcher | None = None  # set once loaded, if batching
         # max_concurrent_requests: admission to /score (see _score_limited).
         self._slots = (asyncio.Semaphore(config.max_concurrent_requests)
                        if config.max_concurrent_requests else None)
@@ -487,6 +495,7 @@ class ScoringApp:
             self._on_fatal(self)
             return
         script_log.info("Users's init has completed successfully")  # azmlinfsrv's words
+        self._batcher = self._make_batcher(scorer)
         self.scorer = scorer
         self.ready = True
         self._wake_held_from_thread()
@@ -495,6 +504,33 @@ class ScoringApp:
                  f"{self._timeout * 1000:g} ms" if self._timeout else "none", os.getpid())
         if self._on_ready is not None:
             self._on_ready(self)
+
+    def _make_batcher(self, scorer: scoring.Scorer) -> batching.Batcher | None:
+        """The batcher for ``scorer``, or None when its requests are scored one by one."""
+        cfg = self.config
+        spec = scorer.batch
+        size = cfg.batch_max_size
+        if spec is None:
+            if size:
+                log.warning("batching is set (MLBUILD_BATCH_MAX_SIZE=%d) but run() is not "
+                            "@batched: each request is scored alone (mark run() with "
+                            "@batched, from mlbuild.runtime, to batch it)", size)
+            return None
+        if size:
+            latency = cfg.batch_max_latency_ms / 1000.0
+            log.info("adaptive batching: up to %d requests a call, the first waiting at most "
+                     "%g ms for others", size, cfg.batch_max_latency_ms)
+        elif spec.from_script:
+            size, latency = 1, 0.0
+            log.warning("run() is @batched but batching is not set (services.NAME.batching, "
+                        "MLBUILD_BATCH_MAX_SIZE): each call gets a list of one input")
+        else:
+            return None  # a no-code model, not asked to batch
+        if self._runner is None and not spec.is_async:
+            self._runner = RunThread()
+        self.metrics.enable_batching()
+        return batching.Batcher(spec, size, latency, runner=self._runner, timeout=self._timeout,
+                                metrics=self.metrics, timeout_error=RunTimedOut)
 
     def _wake_held(self) -> None:
         if self._ready_event is not None:
@@ -548,6 +584,8 @@ class ScoringApp:
                 self.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._batcher is not None:  # what is still queued gets 503
+                    self._batcher.close()
                 if self._runner is not None:
                     self._runner.stop()
                 if self._access is not None:
@@ -838,7 +876,9 @@ class ScoringApp:
                     compat.Headers.from_asgi(scope["headers"]).items()))
             if kwargs is not None:
                 run = functools.partial(run, **kwargs)
-            if scorer.is_async:
+            if self._batcher is not None:
+                result = await self._batcher.submit(arg)
+            elif scorer.is_async:
                 call = run(arg) if kwargs is None else run()
                 if self._timeout:
                     result = await _with_deadline(call, self._timeout)
@@ -861,6 +901,22 @@ class ScoringApp:
             headers.append(RUN_FAILED)
             await _respond(send, 500, _error(500, str(exc)), JSON, headers)
             return 500
+        except batching.BatchError as exc:  # the batcher logged it, once for the batch
+            headers.append(RUN_FAILED)
+            await _respond(send, 500, _error(500, str(exc)), JSON, headers)
+            return 500
+        except batching.Stopped as exc:
+            headers.append((b"retry-after", b"1"))
+            await _respond(send, 503, _error(503, str(exc)), JSON, headers)
+            return 503
+        except asyncio.CancelledError:
+            # NOTE: uvicorn cancels the requests still in flight when the graceful timeout
+            # of a shutdown ends; one queued for a batch gets its 503 instead of nothing.
+            if self._batcher is None:
+                raise
+            headers.append((b"retry-after", b"1"))
+            await _respond(send, 503, _error(503, str(batching.Stopped())), JSON, headers)
+            return 503
         except Exception as exc:  # noqa: BLE001 - any error of the script is a 500
             log.error("run() failed (x-request-id %s): Encountered Exception: %s",
                       headers[0][1].decode("latin-1"), traceback.format_exc())

@@ -26,6 +26,7 @@ DEFAULT_KEEPALIVE_TIMEOUT = 5.0  # seconds; uvicorn's default
 DISPATCH_MODES = ("inline", "thread")
 DEFAULT_MAX_REQUEST_WAIT_MS = 500
 DEFAULT_START_HOLD = 300.0  # seconds a request may wait for init() to return
+DEFAULT_BATCH_MAX_LATENCY_MS = 10.0  # with MLBUILD_BATCH_MAX_SIZE and no latency given
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_LEVEL_ALIASES = {"warn": "warning", "critical": "error", "fatal": "error"}
 
@@ -62,6 +63,23 @@ def _wait_ms(env) -> int:
     if value is not None and value < 0:
         raise ValueError(f"MLBUILD_MAX_REQUEST_WAIT_MS={value}: give 0 or more")
     return DEFAULT_MAX_REQUEST_WAIT_MS if value is None else value
+
+
+def _batch_size(env) -> int | None:
+    value = _number(env, "MLBUILD_BATCH_MAX_SIZE", int)
+    if value is not None and value < 1:
+        raise ValueError(f"MLBUILD_BATCH_MAX_SIZE={value}: give 1 or more (unset for no "
+                         "batching)")
+    return value
+
+
+def _batch_latency_ms(env) -> float:
+    value = _number(env, "MLBUILD_BATCH_MAX_LATENCY_MS")
+    if value is None:
+        return DEFAULT_BATCH_MAX_LATENCY_MS
+    if not 0 <= value < math.inf:
+        raise ValueError(f"MLBUILD_BATCH_MAX_LATENCY_MS={value}: give 0 or more milliseconds")
+    return value
 
 
 def _start_hold(env) -> float:
@@ -122,6 +140,10 @@ class RuntimeConfig:
             before 503 (AKS v1's ``max_request_wait_time``).
         path_prefix: Routes are answered below this path too (``/svc/score`` as
             ``/score``): an Ingress that routes ``host/svc`` without a rewrite.
+        batch_max_size: Adaptive batching (batching.py): most requests scored in one
+            call; None for no batching (a ``@batched`` run() then gets one at a time).
+        batch_max_latency_ms: With batching, how long the first request of a batch
+            waits for others (0: only those that queued while the last batch ran).
     """
 
     entry_script: str | None = None
@@ -146,6 +168,8 @@ class RuntimeConfig:
     max_concurrent_requests: int | None = None
     max_request_wait_ms: int = DEFAULT_MAX_REQUEST_WAIT_MS
     path_prefix: str | None = None
+    batch_max_size: int | None = None
+    batch_max_latency_ms: float = DEFAULT_BATCH_MAX_LATENCY_MS
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -192,6 +216,8 @@ class RuntimeConfig:
             max_concurrent_requests=_positive(env, "MLBUILD_MAX_CONCURRENT_REQUESTS"),
             max_request_wait_ms=_wait_ms(env),
             path_prefix=(env.get("MLBUILD_PATH_PREFIX") or "").rstrip("/") or None,
+            batch_max_size=_batch_size(env),
+            batch_max_latency_ms=_batch_latency_ms(env),
         )
 
     def with_overrides(self, **changes) -> RuntimeConfig:

@@ -77,6 +77,8 @@ import os
 import pickle
 import re
 
+from mlbuild.runtime.batching import ItemFailed
+
 SKLEARN_FRAMEWORKS = ("scikit-learn", "sklearn")
 ONNX_FRAMEWORKS = ("onnx",)
 FRAMEWORKS = SKLEARN_FRAMEWORKS + ONNX_FRAMEWORKS
@@ -164,6 +166,74 @@ def _split_payload(payload) -> tuple[object, dict]:
     return data, options
 
 
+def _plain_numbers(array) -> bool:
+    """Whether ``array`` holds only booleans, integers or finite floats: what any numeric
+    model takes the same way whatever rows it is joined with."""
+    import numpy as np
+
+    kind = array.dtype.kind
+    return kind in "biu" or (kind == "f" and bool(np.isfinite(array).all()))
+
+
+def _split_rows(value, bounds: list[int]):
+    """``value`` (an array, or a list of arrays as a multi-output model answers) cut at
+    ``bounds`` along its first axis; None when its first axis is not the rows'."""
+    total = bounds[-1]
+    if isinstance(value, list):
+        if not value or not all(hasattr(v, "shape") and len(v) == total for v in value):
+            return None
+        return [[v[a:b] for v in value] for a, b in zip(bounds, bounds[1:])]
+    if not hasattr(value, "shape") or not value.shape or value.shape[0] != total:
+        return None
+    return [value[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _run_groups(items: list, key, rows, joined, alone, split=None) -> list:
+    """Answers to a batch of prepared requests, in order, one model call per group.
+
+    Requests with the same ``key(item)`` (None: no group) are joined and scored by one
+    ``joined(group)`` call, whose answer ``split`` (default :func:`_split_rows`) cuts
+    back into each request's ``rows(item)`` rows (None: it cannot). When that call
+    raises, or its answer cannot be cut so, each request of the group is scored
+    ``alone(item)``: one bad request fails alone, with the error it would have got
+    unbatched, never its neighbours.
+
+    Returns:
+        One answer per item; a :class:`~mlbuild.runtime.batching.ItemFailed` for a
+        request that failed.
+    """
+    split = split or _split_rows
+
+    def attempt(item):
+        try:
+            return alone(item)
+        except Exception as exc:  # noqa: BLE001 - this request's own failure
+            return ItemFailed(exc)
+
+    groups: dict = {}
+    for i, item in enumerate(items):
+        k = key(item)
+        groups.setdefault(("alone", i) if k is None else k, []).append(i)
+    out: list = [None] * len(items)
+    for members in groups.values():
+        parts = None
+        if len(members) > 1:
+            bounds = [0]
+            for i in members:
+                bounds.append(bounds[-1] + rows(items[i]))
+            try:
+                parts = split(joined([items[i] for i in members]), bounds)
+            except Exception:  # noqa: BLE001 - scored alone below: the culprit fails alone
+                parts = None
+        if parts is None:
+            for i in members:
+                out[i] = attempt(items[i])
+        else:
+            for i, part in zip(members, parts):
+                out[i] = part
+    return out
+
+
 class SklearnModel:
     """A scikit-learn estimator loaded with joblib (or pickle when joblib is absent)."""
 
@@ -182,6 +252,14 @@ class SklearnModel:
             self.model = joblib.load(path)
 
     def run(self, payload):
+        return self._predict(self.prepare(payload))
+
+    def prepare(self, payload) -> tuple[str, object]:
+        """``(method, array)`` of a request, checked as far as it can be without the model.
+
+        Raises:
+            BadInput: No data, an unknown method, or data that is not an array.
+        """
         data, options = _split_payload(payload)
         method = options.get("method")
         if method is None:
@@ -196,6 +274,10 @@ class SklearnModel:
             raise BadInput(f"data is not a rectangular array: {exc}") from exc
         if array.ndim == 1:
             array = array.reshape(1, -1)
+        return method, array
+
+    def _predict(self, prepared: tuple[str, object]):
+        method, array = prepared
         try:
             return getattr(self.model, method)(array)
         except (ValueError, TypeError) as exc:
@@ -206,6 +288,22 @@ class SklearnModel:
             n = getattr(self.model, "n_features_in_", None)
             hint = f"; expected rows of {n} features" if n is not None else ""
             raise BadInput(f"the model rejected the input: {exc}{hint}") from None
+
+    def run_batch(self, items: list) -> list:
+        """The answers to ``prepare``'s items, one model call per group that can share one
+        (see :func:`_run_groups`)."""
+        import numpy as np
+
+        def key(item):
+            method, array = item
+            if array.ndim != 2 or not _plain_numbers(array):
+                return None  # object, text or non-finite cells: scored alone
+            return method, array.shape[1], array.dtype.str
+
+        def joined(group):
+            return self._predict((group[0][0], np.concatenate([a for _, a in group])))
+
+        return _run_groups(items, key, lambda item: len(item[1]), joined, self._predict)
 
 
 class _OnnxInput:
@@ -504,6 +602,7 @@ class OnnxModel:
         self.output_names: list[str] = []
         self.output_types: dict[str, str] = {}
         self._invalid_argument: tuple[type, ...] = ()
+        self._batchable = False
 
     def init(self) -> None:
         try:
@@ -519,6 +618,9 @@ class OnnxModel:
         self.inputs = [_OnnxInput(i.name, i.type, i.shape) for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_types = {o.name: o.type for o in self.session.get_outputs()}
+        # Requests can share a session run when every input's first dimension is free.
+        self._batchable = bool(self.inputs) and all(
+            i.shape and not isinstance(i.shape[0], int) for i in self.inputs)
         try:
             from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
         except ImportError:  # a build without the usual module layout: all errors are 500s
@@ -571,20 +673,72 @@ class OnnxModel:
             raise BadInput(f"the model rejected the input: {exc}; expected {expected}") from None
 
     def run(self, payload):
-        # NOTE: "inputs" without "data" is the tensor form: a body that answered 400
-        # before it was accepted, so no body of the nested-list forms changes meaning.
-        if isinstance(payload, dict) and "inputs" in payload and not (
-                "data" in payload or "input_data" in payload):
-            return self._run_tensors(payload)
-        data, options = _split_payload(payload)
-        if "method" in options:
-            raise BadInput('"method" applies to scikit-learn models only; an ONNX model'
-                           " answers with all of its outputs")
-        outputs = self._run_session(None, self._feed(data))
+        return self._run_prepared(self.prepare(payload))
+
+    def _answer(self, outputs: list):
         values = [o.tolist() if hasattr(o, "tolist") else o for o in outputs]
         if len(values) == 1:
             return values[0]
         return dict(zip(self.output_names, values))
+
+    def prepare(self, payload) -> tuple[str, object]:
+        """``("feed", {input: array})`` of a ``data`` request, checked and converted;
+        ``("tensors", payload)`` of a tensor-JSON one (checked when it runs, alone).
+
+        Raises:
+            BadInput: As :meth:`run` answers it.
+        """
+        # NOTE: "inputs" without "data" is the tensor form: a body that answered 400
+        # before it was accepted, so no body of the nested-list forms changes meaning.
+        if isinstance(payload, dict) and "inputs" in payload and not (
+                "data" in payload or "input_data" in payload):
+            return "tensors", payload
+        data, options = _split_payload(payload)
+        if "method" in options:
+            raise BadInput('"method" applies to scikit-learn models only; an ONNX model'
+                           " answers with all of its outputs")
+        return "feed", self._feed(data)
+
+    def _run_prepared(self, item: tuple[str, object]):
+        kind, value = item
+        if kind == "tensors":
+            return self._run_tensors(value)
+        return self._answer(self._run_session(None, value))
+
+    def run_batch(self, items: list) -> list:
+        """The answers to ``prepare``'s items: the feeds of a group of requests joined
+        along the first axis of every input, one session run (see :func:`_run_groups`).
+        Only when every input's first dimension is free (the batch); else each alone."""
+        import numpy as np
+
+        def key(item):
+            kind, feed = item
+            if kind != "feed" or not self._batchable or not feed:
+                return None
+            arrays = [feed[i.name] for i in self.inputs]
+            # NOTE: the feed has the declared element types already (convert), so any rows
+            # of the same shape join; NaN is data to onnxruntime, not an error.
+            if not arrays[0].ndim or len({a.shape[0] if a.ndim else -1 for a in arrays}) != 1:
+                return None
+            return tuple((a.shape[1:], a.dtype.str) for a in arrays)
+
+        def joined(group):
+            feed = {i.name: np.concatenate([f[i.name] for _, f in group]) for i in self.inputs}
+            return self._run_session(None, feed)
+
+        def rows(item):
+            return len(item[1][self.inputs[0].name])
+
+        def split(outputs, bounds):
+            parts = [_split_rows(o, bounds) if hasattr(o, "shape") else
+                     ([o[a:b] for a, b in zip(bounds, bounds[1:])]
+                      if isinstance(o, list) and len(o) == bounds[-1] else None)
+                     for o in outputs]
+            if any(p is None for p in parts):
+                return None
+            return [self._answer(list(cut)) for cut in zip(*parts)]
+
+        return _run_groups(items, key, rows, joined, self._run_prepared, split)
 
     def _run_tensors(self, payload: dict) -> dict:
         """A ``PredictRequest`` in protobuf JSON -> a ``PredictResponse`` (module docstring)."""

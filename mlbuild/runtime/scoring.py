@@ -6,6 +6,10 @@ How ``run`` is called, by what the script declares (as the Azure ML server does)
     inference_schema decorators    mode "json": run(**parsed_body), body must be an object
     plain run(raw_data)            mode "text": the body as a str, undecoded JSON
     no-code model                  mode "json": run(parsed_body)
+
+``@batched`` (batching.py) on a raw or text run() makes it take a list of what it gets
+one of above, and return a list: :attr:`Scorer.batch`. No-code models can always be
+batched; the app does so when the service's batching settings ask for it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import os
 import sys
 
-from mlbuild.runtime import compat
+from mlbuild.runtime import batching, compat
 from mlbuild.runtime.config import RuntimeConfig
 
 log = logging.getLogger("azmlinfsrv.user_script")
@@ -42,6 +46,8 @@ class Scorer:
         self.output_schema: dict | None = None
         # run(data, request_headers) gets the request's headers as a dict (azmlinfsrv).
         self.wants_headers = _takes_request_headers(run)
+        # How to call it in batches (batching.py); None: one request per call only.
+        self.batch: batching.BatchSpec | None = None
 
     def init(self) -> None:
         if self._init is not None:
@@ -206,17 +212,34 @@ def load_entry_script(path: str, app_root: str | None = None,
     if init is None:
         log.warning("entry script %s defines no init(); continuing without it", resolved)
     name = os.path.splitext(os.path.basename(resolved))[0]
+    batched = batching.is_batched(run)
+    if batched and _takes_request_headers(run):
+        raise LoadError(f"entry script {resolved!r}: a @batched run() cannot take "
+                        "request_headers (it gets a list of inputs, not one request)")
     if compat.rawhttp_requested(run):
         log.info("run() is decorated with @rawhttp. Server will invoke it with the "
-                 "request object.")
-        return Scorer(run, init, mode="raw", name=name)
+                 "request object%s.", "s, in a list (@batched)" if batched else "")
+        scorer = Scorer(run, init, mode="raw", name=name)
+        if batched:
+            scorer.batch = batching.script_spec(run)
+        return scorer
     decorated, in_schema, out_schema = _schema_decorated(run)
+    if decorated and batched:
+        raise LoadError(f"entry script {resolved!r}: run() is @batched and decorated with "
+                        "inference_schema's @input_schema; a @batched run() takes a list of "
+                        "request bodies: drop one of the two")
     if decorated:
         scorer = Scorer(_input_errors_as_400(run), init, mode="json", name=name,
                         spread_json=True)
         scorer.input_schema, scorer.output_schema = in_schema, out_schema
         log.info("run() is decorated with @input_schema. Server will invoke it with the "
                  "body's keys as arguments.")
+        return scorer
+    if batched:
+        log.info("run() is @batched. Server will invoke it with a list of inputs, each in "
+                 "JSON string.")
+        scorer = Scorer(run, init, mode="text", name=name)
+        scorer.batch = batching.script_spec(run)
         return scorer
     log.info("run() is not decorated. Server will invoke it with the input in JSON string.")
     return Scorer(run, init, mode="text", name=name)
@@ -239,7 +262,9 @@ def load(config: RuntimeConfig) -> Scorer:
         except ValueError as exc:
             raise LoadError(str(exc)) from exc
         name = os.path.splitext(os.path.basename(os.path.normpath(config.no_code_model)))[0]
-        return Scorer(model.run, model.init, mode="json", name=name)
+        scorer = Scorer(model.run, model.init, mode="json", name=name)
+        scorer.batch = batching.BatchSpec(model.run_batch, prepare=model.prepare)
+        return scorer
     raise LoadError(
         "nothing to serve: give an entry script (--entry-script or MLBUILD_ENTRY_SCRIPT)"
         " or a no-code model (MLBUILD_NO_CODE_MODEL)"
