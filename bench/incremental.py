@@ -2,11 +2,13 @@
 
     python bench/incremental.py [--repeat N] [--naive-repeat N] [--prune-builder] [--keep]
 
-Goals (issue: docker, "Speed and size") for `mlbuild deploy local` (which builds the
-image AND checks or replaces the running container): no-op <= 0.3 s; edit-code redeploy
+Goals for `mlbuild deploy local` (which builds the image AND checks or replaces the
+running container). Issue "docker, speed and size": no-op <= 0.3 s; edit-code redeploy
 <= 3 s and <= 0.1x mlbuild's own cold build; edit-model redeploy reinstalls nothing;
-cold build no slower than the naive Dockerfile; image <= 0.7x the naive image; what
-mlbuild adds beyond the environment's own packages <= 20 MB.
+image <= 0.7x the naive image; what mlbuild adds beyond the environment's own packages
+<= 20 MB. Issue 18 ("environment layers that rebuild in seconds"): cold build <= 0.5x
+the naive Dockerfile's; adding one package to the environment <= 0.2x mlbuild's own
+cold build.
 
 Measured in one run, on the same copy of examples/diabetes (its Ridge trained here) and
 the same base image (the engine's `python:3.11-slim`):
@@ -29,34 +31,44 @@ the same base image (the engine's `python:3.11-slim`):
 
 Scenarios: cold (nothing cached, nothing deployed), no-op (nothing changed), edit code
 (a comment appended to score.py), edit model (the Ridge re-fit with another alpha and
-written over the model file). Warm scenarios run --repeat times (default 3) and report
-medians, except the naive edit rebuilds: each re-runs the whole pip install (a cold
-build in all but name, ~1 min of downloads), so they run --naive-repeat times
-(default 1) to keep the run at ~4-5 minutes. For mlbuild, the steps that ran, the
-Dockerfile steps run/cached, and whether any `pip install` layer was rebuilt (its
-intermediate image id changed) are reported for each change.
+written over the model file), add package (one more small package in
+envs/requirements.txt, a different one each time: mlbuild locks it and rebuilds the
+environment layer; the naive Dockerfile installs everything again). Warm scenarios run
+--repeat times (default 3) and report medians, except the naive edit rebuilds: each
+re-runs the whole pip install (a cold build in all but name), so they run
+--naive-repeat times (default 1) to keep the run at ~4-5 minutes. For mlbuild, the
+steps that ran, the Dockerfile steps run/cached, whether the step that installs the
+environment ran (from the Dockerfile steps mlbuild prints as they run), and how many
+packages uv had to download and unpack ("Prepared N packages" in the build log) are
+reported for each change.
 
 Every timed command starts after an (untimed) `sync`: a build leaves hundreds of MB
 of freshly written layers whose write-back would otherwise land in the next run, of
 either tool (an mlbuild edit-code redeploy right after the naive rebuild took ~0.4 s
 longer than one after a no-op).
 
-Cold builds. The engine's classic builder (what mlbuild's docker SDK speaks, and what
-`docker build` uses here with DOCKER_BUILDKIT=0) keeps its cache as intermediate
-images, keyed by parent image id. Every run builds its own base `FROM python:3.11-slim`
-plus one LABEL with a random nonce (same bytes, new image id), and all three images
-start FROM it, so no step can hit a cache left by an earlier run or by another session
-sharing the engine. `docker builder prune` clears only BuildKit's cache, which the
-classic builder does not use; --prune-builder runs it anyway before the cold builds.
-NOTE: the engine is shared: that prune empties other sessions' BuildKit caches too.
-The wheels are downloaded each cold build (PIP_NO_CACHE_DIR / --no-cache-dir, no pip
-cache in the images); mlbuild's cold build runs first, so any warming of the download
-path (a caching proxy) favours the naive build, not mlbuild.
+Cold builds. mlbuild builds with BuildKit where the engine has it (through the
+engine API; MLBUILD_BUILDER=classic forces the classic builder), the naive and reference
+Dockerfiles with plain `docker build` and DOCKER_BUILDKIT=0 (the classic builder, as
+they were measured before). Every run builds its own base `FROM python:3.11-slim` plus
+a random nonce (a label, and a file of its own: a new image id and a new top layer),
+and all three images start FROM it, so no step can hit a layer cache left by an earlier
+run or by another session sharing the engine (the classic builder keys its cache by
+parent image id, BuildKit by the base's layers). mlbuild's uv cache mount is one per
+base image (its id names the base), so it starts empty too: the cold build downloads
+every wheel. The naive build
+downloads them each time as well (--no-cache-dir); mlbuild's cold build runs first, so
+any warming of the download path (a caching proxy) favours the naive build, not mlbuild.
+--prune-builder runs `docker builder prune -f` before the cold builds. NOTE: the engine
+is shared: that prune empties other sessions' BuildKit caches too.
 
 Everything this run makes is named mlbench-incr-<nonce>-* (project, images, containers)
-and removed at the end: the containers by name, the images as the descendants of this
-run's own base image (ids checked through their parent chain). --keep leaves them and
-prints their names (the size study builds variants from the kept build context).
+and removed at the end: the containers by name, the images by that name and as the
+descendants of this run's own base image (the classic builder's intermediate images,
+ids checked through their parent chain), and BuildKit's build cache of this run: its
+uv cache mount and the records of every step built on this run's base (found through
+the environment step, which names the base). --keep leaves them and prints their names
+(the size study builds variants from the kept build context).
 """
 
 from __future__ import annotations
@@ -79,6 +91,7 @@ from _common import demo_copy, med, mlbuild_cmd
 
 BASE = "python:3.11-slim"
 SERVICE = "diabetes"
+ENV = "sklearn"
 TARGET = "local"
 MODEL_FILE = "sklearn_regression_model.pkl"
 
@@ -112,8 +125,13 @@ for p in sys.argv[2:]:
     joblib.dump(m, p)
 """
 
-# The classic builder, for `docker build` as for the SDK mlbuild uses.
+# The classic builder for the naive and reference `docker build`s (mlbuild chooses its
+# own builder through the engine API; DOCKER_BUILDKIT does not reach it).
 DOCKER_ENV = {**os.environ, "DOCKER_BUILDKIT": "0"}
+
+# Added to the environment one per run of the "add package" scenario: small, pure
+# Python, none among the demo's dependencies.
+EXTRA_PACKAGES = ["six", "idna", "toolz", "tomli", "pyparsing"]
 
 
 def say(msg: str) -> None:
@@ -163,8 +181,17 @@ class Deploy:
     docker_run: int | None = None  # Dockerfile steps run
     docker_cached: int | None = None
     tag: str | None = None
+    builder: str | None = None  # "BuildKit" or "classic builder", as mlbuild says
     own_s: float | None = None  # the time mlbuild reports for itself (after start-up)
-    pip_rebuilt: bool | None = None  # filled in by the caller
+    docker_steps: list[str] = field(default_factory=list)  # Dockerfile steps that ran
+    prepared: int | None = None  # packages uv downloaded/unpacked (the build log)
+
+    @property
+    def env_rebuilt(self) -> bool | None:
+        """Whether the step that installs the environment ran (None: nothing built)."""
+        if self.tag is None:
+            return None
+        return any(is_env_step(s) for s in self.docker_steps)
 
     @classmethod
     def parse(cls, seconds: float, out: str) -> Deploy:
@@ -177,9 +204,21 @@ class Deploy:
                 d.step_s[m.group(1)] = float(m.group(2))
             if m := re.match(r"deploy \S+: .*[(, ]([\d.]+) s\)\s*$", line):
                 d.own_s = float(m.group(1))
-            if m := re.search(r"built (\S+) \((\d+) steps run, (\d+) cached", line):
+            if m := re.search(r"built (\S+) \((\d+) steps run, (\d+) cached"
+                              r".*?(?:; (BuildKit|classic builder))?\)", line):
                 d.tag, d.docker_run, d.docker_cached = m.group(1), int(m.group(2)), int(m.group(3))
+                d.builder = m.group(4)
+            if m := re.match(r"^    \S+ \[\d+/\d+\] (.*)$", line):
+                d.docker_steps.append(m.group(1))
         return d
+
+    def read_build_log(self, proj: Path) -> None:
+        """How many packages uv prepared (downloaded and unpacked) in this build."""
+        log = proj / ".mlbuild/logs" / f"build-{SERVICE}.log"
+        if self.tag is None or not log.exists():
+            return
+        text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())  # the classic builder colours stderr
+        self.prepared = sum(int(n) for n in re.findall(r"Prepared (\d+) packages? in", text))
 
     def describe(self) -> str:
         if not self.ran:
@@ -187,9 +226,12 @@ class Deploy:
         kinds = ", ".join(s.split(":")[0] for s in self.ran)
         s = f"{len(self.ran)} steps ran ({kinds})"
         if self.docker_run is not None:
-            s += f"; Dockerfile steps {self.docker_run} run / {self.docker_cached} cached"
-        if self.pip_rebuilt is not None:
-            s += "; a pip layer REBUILT" if self.pip_rebuilt else "; pip layers reused"
+            s += (f"; Dockerfile steps {self.docker_run} run / {self.docker_cached} cached"
+                  f" ({self.builder or '?'})")
+        if self.env_rebuilt is not None:
+            s += "; environment step RAN" if self.env_rebuilt else "; environment step reused"
+        if self.prepared is not None:
+            s += f", uv prepared {self.prepared} packages"
         times = " ".join(f"{k.split(':')[0]} {v:.2f}" for k, v in self.step_s.items())
         first = self.ran[0]
         return f"{s}  [{times} s]  first: {first} ({self.why.get(first, '')})"
@@ -204,15 +246,25 @@ def image_size(ref: str) -> int:
 
 
 def is_env_layer(created_by: str) -> bool:
-    """Whether a history row made the environment: a `pip install` in the image, or
-    (mlbuild: installed in a builder stage) the COPY of that stage's tree onto `/`."""
+    """Whether a history row made the environment: a `pip install` (or mlbuild's
+    `uv pip install`, BuildKit) in the image, or (mlbuild, classic builder: installed in
+    a builder stage) the COPY of that stage's tree onto `/`."""
     return "pip install" in created_by or bool(
-        re.search(r"COPY dir:\S+ in (/|/opt/conda) *$", created_by))
+        re.search(r"COPY (dir:\S+ in |/opt/mlbuild-root/ |/opt/conda )(/|/opt/conda) *"
+                  r"(# buildkit)?\s*$", created_by))
+
+
+def is_env_step(instruction: str) -> bool:
+    """Whether a Dockerfile step mlbuild printed as run installs the environment (it
+    prints 64 characters of each)."""
+    return any(k in instruction for k in ("pip install", "UV_PYTHON", "--mount=type=cache",
+                                          "--from=env", "--from=conda-env"))
 
 
 def pip_layers(ref: str) -> list[str]:
-    """Ids of the intermediate images made by the steps that install the environment:
-    the same ids in a new image mean those steps were cache hits, not re-run."""
+    """Ids of the intermediate images made by the steps that install the environment
+    (the classic builder's: the naive image): the same ids in a new image mean those
+    steps were cache hits, not re-run."""
     out = query(["docker", "history", "--no-trunc", "--format", "{{.ID}}\t{{.CreatedBy}}", ref])
     ids = [line.split("\t")[0] for line in out.splitlines() if is_env_layer(line)]
     if not ids:
@@ -220,17 +272,18 @@ def pip_layers(ref: str) -> list[str]:
     return ids
 
 
-def layer_sizes(ref: str, base_id: str) -> list[tuple[int, str]]:
-    """(bytes, instruction) of the layers above ``base_id``, bottom first, non-empty only."""
-    out = query(["docker", "history", "--no-trunc", "--human=false",
-              "--format", "{{.ID}}\t{{.Size}}\t{{.CreatedBy}}", ref])
+def layer_sizes(ref: str, base_ref: str) -> list[tuple[int, str]]:
+    """(bytes, instruction) of the layers above the base, bottom first, non-empty only.
+    (By count of history rows: BuildKit's images name no intermediate image ids.)"""
+    fmt = ["--format", "{{.ID}}\t{{.Size}}\t{{.CreatedBy}}"]
+    out = query(["docker", "history", "--no-trunc", "--human=false", *fmt, ref])
+    n_base = len(query(["docker", "history", "-q", base_ref]).split())
+    lines = out.splitlines()
     rows = []
-    for line in out.splitlines():
-        iid, size, how = line.split("\t", 2)
-        if iid == base_id:
-            break
+    for line in lines[:len(lines) - n_base]:
+        _iid, size, how = line.split("\t", 2)
         if int(size):
-            how = re.sub(r"^/bin/sh -c (#\(nop\)\s*)?", "", how)
+            how = re.sub(r"^(RUN )?/bin/sh -c (#\(nop\)\s*)?", "", how)
             rows.append((int(size), how))
     return rows[::-1]
 
@@ -331,8 +384,10 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     base_id = None
     try:
+        # A layer of its own (BuildKit keys a base by its layers, not by its labels).
         sh(["docker", "build", "-q", "-t", base_tag, "-"],
-           stdin=f"FROM {BASE}\nLABEL dev.mlbuild.bench-nonce={nonce}\n")
+           stdin=f"FROM {BASE}\nLABEL dev.mlbuild.bench-nonce={nonce}\n"
+                 f"RUN echo {nonce} > /etc/mlbench-nonce\n")
         base_id = query(["docker", "image", "inspect", "--format", "{{.Id}}", base_tag]).strip()
         proj, naive, ref = setup(tmp, name, base_tag)
         if args.prune_builder:
@@ -344,6 +399,7 @@ def main() -> None:
         say(f"[{name}] cold: mlbuild deploy {TARGET} ...")
         s, out = timed(deploy, proj)
         ml_cold = Deploy.parse(s, out)
+        ml_cold.read_build_log(proj)
         if ml_cold.tag is None or ml_cold.docker_cached:
             raise SystemExit(f"the cold deploy was not a cold build:\n{out}")
         say(f"  {s:.1f} s; {ml_cold.describe()}")
@@ -371,10 +427,10 @@ def main() -> None:
             ml_noop_own.append(d.own_s)
             naive_noop.append(timed(naive_build)[0])
 
-        # Edit code, then edit model.
+        # Edit code, then edit model, then add a package.
         ml_tag = ml_cold.tag
         results: dict[str, tuple[list[Deploy], list[float], list[bool]]] = {}
-        for scenario in ("edit code", "edit model"):
+        for scenario in ("edit code", "edit model", "add package"):
             say(f"{scenario} ...")
             ml_runs, naive_runs, naive_pip = [], [], []
             for i in range(max(args.repeat, args.naive_repeat)):
@@ -382,17 +438,22 @@ def main() -> None:
                     for f in (proj / "src/score.py", naive / "score.py"):
                         with open(f, "a") as fh:
                             fh.write(f"# bench edit {i}\n")
-                else:
+                elif scenario == "edit model":
                     sh([sys.executable, "-c", RETRAIN, f"{0.2 + 0.1 * i:.2f}",
                         str(proj / "models" / MODEL_FILE), str(naive / "models" / MODEL_FILE)])
+                else:
+                    for f in (proj / "envs/requirements.txt", naive / "requirements.txt"):
+                        with open(f, "a") as fh:
+                            fh.write(f"{EXTRA_PACKAGES[i % len(EXTRA_PACKAGES)]}\n")
                 if i < args.repeat:
-                    before = pip_layers(ml_tag)
                     s, out = timed(deploy, proj)
                     d = Deploy.parse(s, out)
                     if d.tag is None:
                         raise SystemExit(f"{scenario}: no image was built\n{out}")
+                    if scenario == "add package" and f"lock:{ENV}" not in d.ran:
+                        raise SystemExit(f"{scenario}: the environment was not locked again\n{out}")
+                    d.read_build_log(proj)
                     ml_tag = d.tag
-                    d.pip_rebuilt = pip_layers(ml_tag) != before
                     ml_runs.append(d)
                     say(f"  mlbuild {s:.2f} s; {d.describe()}")
                 if i < args.naive_repeat:
@@ -412,7 +473,7 @@ def main() -> None:
 
         sizes = {k: image_size(v) for k, v in
                  (("base", base_tag), ("naive", naive_tag), ("mlbuild", ml_tag), ("ref", ref_tag))}
-        breakdown = layer_sizes(ml_tag, base_id)
+        breakdown = layer_sizes(ml_tag, base_tag)
         report(args, ml_cold, naive_cold, ref_cold, ml_noop, ml_noop_own, naive_noop, results,
                sizes, breakdown, serving, time.perf_counter() - t_start, load_start)
     finally:
@@ -442,9 +503,52 @@ def cleanup(name: str, tmp: Path, base_tag: str, base_id: str | None) -> None:
     for i in range(0, len(ours), 50):
         subprocess.run(["docker", "rmi", "-f", *ours[i:i + 50]],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    # mlbuild's images (BuildKit's name no parent image), by this run's name.
+    tags = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}",
+                           "--filter", f"reference={name}-*"],
+                          capture_output=True, text=True, check=False).stdout.split()
+    if tags:
+        subprocess.run(["docker", "rmi", "-f", *tags],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     subprocess.run(["docker", "rmi", base_tag],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    prune_build_cache(name)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prune_build_cache(name: str) -> None:
+    """Remove what this run's BuildKit builds left in the engine's build cache: the
+    records whose step names this run (mlbuild's environment step echoes its uv cache
+    id, which holds the base image's name; the uv cache mount itself), this run's base
+    layer as BuildKit took it (the nearest "from local" record below them), and every
+    record made on top of those, children first."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=60)
+        recs = {r["ID"]: r for r in client.df().get("BuildCache") or []}
+        doomed = {i for i, r in recs.items() if name in (r.get("Description") or "")}
+        for i in list(doomed):
+            p = recs[i].get("Parent")
+            while p in recs and recs[p].get("Description") != "from local":
+                p = recs[p].get("Parent")
+            if p in recs:
+                doomed.add(p)
+        grew = True
+        while grew:
+            more = {i for i, r in recs.items() if i not in doomed and r.get("Parent") in doomed}
+            doomed |= more
+            grew = bool(more)
+        while doomed:
+            parents = {recs[i].get("Parent") for i in doomed}
+            leaves = [i for i in doomed if i not in parents]
+            if not leaves:
+                break
+            for i in leaves:
+                client.api.prune_builds(filters={"id": [i]})
+                doomed.discard(i)
+    except Exception as e:  # noqa: BLE001  a leftover cache is not worth failing the run
+        say(f"(the build cache of {name} was not all removed: {e})")
 
 
 # ---------------------------------------------------------------------------------
@@ -457,22 +561,25 @@ def report(args, ml_cold: Deploy, naive_cold: float, ref_cold: float, ml_noop, m
     MB = 1e6
     code_ml, code_naive, code_naive_pip = results["edit code"]
     model_ml, model_naive, model_naive_pip = results["edit model"]
+    pkg_ml, pkg_naive, pkg_naive_pip = results["add package"]
     ml = {"cold": ml_cold.seconds, "no-op": med(ml_noop),
           "edit code": med([d.seconds for d in code_ml]),
-          "edit model": med([d.seconds for d in model_ml])}
+          "edit model": med([d.seconds for d in model_ml]),
+          "add package": med([d.seconds for d in pkg_ml])}
     nv = {"cold": naive_cold, "no-op": med(naive_noop),
-          "edit code": med(code_naive), "edit model": med(model_naive)}
+          "edit code": med(code_naive), "edit model": med(model_naive),
+          "add package": med(pkg_naive)}
 
     def secs(x: float) -> str:
         return f"{x:.2f} s" if x < 10 else f"{x:.0f} s"
 
-    cols = ("cold", "no-op", "edit code", "edit model")
+    cols = ("cold", "no-op", "edit code", "edit model", "add package")
     print(f"repeats: mlbuild warm x{args.repeat}, naive no-op x{args.repeat}, "
           f"naive edits x{args.naive_repeat} (medians); base {BASE} {sizes['base'] / MB:.0f} MB; "
           f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
           f"({os.cpu_count()} CPUs; the engine and the network are shared)\n")
-    print("| | cold | no-op | edit code | edit model | image |")
-    print("|---|---|---|---|---|---|")
+    print("| | cold | no-op | edit code | edit model | add package | image |")
+    print("|---|---|---|---|---|---|---|")
     print("| naive Azure-v1-style Dockerfile (`docker build`, nothing deployed) | "
           + " | ".join(secs(nv[c]) for c in cols) + f" | {sizes['naive'] / MB:.0f} MB |")
     print("| `mlbuild deploy local` (build + check/replace container) | "
@@ -495,29 +602,34 @@ def report(args, ml_cold: Deploy, naive_cold: float, ref_cold: float, ml_noop, m
 
     print("\nwhat ran (mlbuild):")
     print(f"  cold        {ml_cold.describe()}")
-    for label, runs in (("edit code", code_ml), ("edit model", model_ml)):
+    for label, runs in (("edit code", code_ml), ("edit model", model_ml),
+                        ("add package", pkg_ml)):
         for d in runs:
             print(f"  {label:<11} {d.seconds:5.2f} s  {d.describe()}")
     print(f"  no-op runs  {' '.join(f'{x:.3f}' for x in ml_noop)} s wall; mlbuild's own "
           f"report {' '.join(f'{x:.2f}' for x in ml_noop_own if x is not None)} s (the rest is "
           f"interpreter start-up and imports)")
     print(f"  naive: edit code pip layer rebuilt {sum(code_naive_pip)}/{len(code_naive_pip)}, "
-          f"edit model {sum(model_naive_pip)}/{len(model_naive_pip)}; no-op runs "
+          f"edit model {sum(model_naive_pip)}/{len(model_naive_pip)}, "
+          f"add package {sum(pkg_naive_pip)}/{len(pkg_naive_pip)}; no-op runs "
           f"{' '.join(f'{x:.3f}' for x in naive_noop)} s")
     print(f"  {serving}")
 
     def mark(ok: bool) -> str:
         return "OK" if ok else "MISSED"
 
-    reused = sum(not d.pip_rebuilt for d in model_ml)
+    reused = sum(not d.env_rebuilt for d in model_ml)
     goals = [
         ("no-op <= 0.3 s", f"{ml['no-op']:.3f} s", ml["no-op"] <= 0.3),
         ("edit code <= 3 s", f"{ml['edit code']:.2f} s", ml["edit code"] <= 3),
         ("edit code <= 0.1x own cold", f"{ml['edit code'] / ml['cold']:.2f}x",
          ml["edit code"] <= 0.1 * ml["cold"]),
-        ("edit model reinstalls nothing", f"pip layers reused {reused}/{len(model_ml)}",
+        ("edit model reinstalls nothing", f"environment step reused {reused}/{len(model_ml)}",
          reused == len(model_ml)),
-        ("cold <= naive cold", f"{ml['cold'] / nv['cold']:.2f}x", ml["cold"] <= nv["cold"]),
+        ("cold <= 0.5x naive cold", f"{ml['cold'] / nv['cold']:.2f}x",
+         ml["cold"] <= 0.5 * nv["cold"]),
+        ("add package <= 0.2x own cold", f"{ml['add package'] / ml['cold']:.2f}x",
+         ml["add package"] <= 0.2 * ml["cold"]),
         ("image <= 0.7x naive", f"{sizes['mlbuild'] / sizes['naive']:.2f}x",
          sizes["mlbuild"] <= 0.7 * sizes["naive"]),
         ("additions <= 20 MB", f"{additions / MB:.1f} MB", additions <= 20 * MB),

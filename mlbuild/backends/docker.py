@@ -23,9 +23,13 @@ Errors: every expected failure is an :class:`~mlbuild.errors.MlbuildError`:
 beyond the machine), :class:`~mlbuild.errors.NotSupported` when the SDK is missing.
 
 Builds: the classic builder by default (what the SDK speaks); ``builder="buildkit"``
-asks the engine for BuildKit (API ``version=2``) and reads its binary status stream.
-Without a BuildKit session the engine cannot use ``RUN --mount=type=secret`` and the
-like, and a ``# syntax=`` line makes it pull the named frontend image.
+asks the engine for BuildKit (the same ``POST /build``, with ``version=2``) and reads its
+binary status stream. The context is the same tar, sent in the request body: no BuildKit
+session (``/session``, gRPC) is opened. Without one, BuildKit still runs cache and bind
+mounts (``RUN --mount=type=cache``, ``type=bind`` from the context or another stage) and
+``--network none``, but not ``type=secret`` or ``type=ssh``; a ``# syntax=`` line
+would make it pull the named frontend image. :meth:`DockerEngine.buildkit_available`
+says whether to try, :class:`BuildkitUnavailable` when the engine refused.
 
 One DockerEngine may be shared by threads building independent images: the SDK keeps
 a pool of connections (10 by default).
@@ -82,7 +86,17 @@ _UNSCHEDULABLE = re.compile(
 _CLASSIC_STEP = re.compile(r"^(?:Step|STEP) (\d+)/(\d+) ?: ?(.*)$")  # docker; podman/buildah
 _CLASSIC_CACHED = re.compile(r"^-+> Using cache\b")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the classic builder colours stderr red
-_BUILDKIT_STEP = re.compile(r"^\[(?:(\S+) )?(\d+)/(\d+)\] (.*)$")  # "[2/5] RUN ..", "[stage 2/5] .."
+# "[2/5] RUN ..", "[stage 2/5] .."; BuildKit pads the number to the total's width:
+# "[stage-1  3/10] COPY ..", "[ 3/10] RUN ..".
+_BUILDKIT_STEP = re.compile(r"^\[(?:(\S+) +)? *(\d+)/(\d+)\] (.*)$")
+# BuildKit behind the API with RUN --mount, cache and bind mounts: Docker 20.10 (API 1.41)
+# and newer. The classic builder below that.
+BUILDKIT_MIN_API = (1, 41)
+# An engine without BuildKit behind its API (refusing version=2), or whose BuildKit
+# frontend predates RUN --mount (Docker 18.09/19.03 without a `# syntax=` line).
+_NO_BUILDKIT = re.compile(
+    r"buildkit (is )?not (supported|enabled)|not supported by (the )?daemon|invalid version|"
+    r"unsupported builder version|unknown flag: mount", re.IGNORECASE)
 # A layer's status in a push or pull stream (and a build pulling its base image), as
 # mlbuild.progress names the states; other statuses ("Extracting", "Verifying
 # Checksum", "Pulling from ...") tell nothing about bytes moved.
@@ -97,6 +111,12 @@ _LAYER_STATES = {
 
 class EngineUnavailable(MlbuildError):
     """The Docker engine cannot be reached (not running, no permission, wrong DOCKER_HOST)."""
+
+
+class BuildkitUnavailable(MlbuildError):
+    """The engine does not build this Dockerfile with BuildKit through its API (it
+    refused ``version=2``, or its BuildKit has no ``RUN --mount``): use the classic
+    builder."""
 
 
 class Unschedulable(StepFailed):
@@ -273,6 +293,7 @@ class DockerEngine:
         self.api = client.api
         self.address = address
         self._errors = _sdk().errors
+        self._buildkit: bool | None = None
 
     def __repr__(self) -> str:
         return f"DockerEngine({self.address!r})"
@@ -348,6 +369,33 @@ class DockerEngine:
         out.sort(key=lambda i: i.created or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
         return out
 
+    def buildkit_available(self) -> bool:
+        """Whether to build with BuildKit: the engine is a Linux Docker engine of API 1.41
+        (Docker 20.10) or newer, whose BuildKit runs ``RUN --mount`` through the API.
+
+        Podman answers the same endpoint with its own builder (and ignores
+        ``version=2``); Windows engines have no BuildKit. Asked once per engine
+        (``GET /version``); False from the first build the engine refused with BuildKit
+        (:class:`BuildkitUnavailable`) on.
+
+        Raises:
+            EngineUnavailable: the engine stopped answering.
+        """
+        if self._buildkit is None:
+            try:
+                with self._engine_errors():
+                    v = self.api.version()
+            except self._errors.APIError:
+                v = {}
+            try:
+                api = tuple(int(x) for x in str(v.get("ApiVersion", "0.0")).split(".")[:2])
+            except ValueError:
+                api = (0, 0)
+            names = {str(c.get("Name", "")) for c in v.get("Components") or [] if isinstance(c, dict)}
+            self._buildkit = (api >= BUILDKIT_MIN_API and str(v.get("Os", "")).lower() == "linux"
+                              and not any("podman" in n.lower() for n in names))
+        return self._buildkit
+
     def build(
         self,
         context_dir: Path | str,
@@ -378,7 +426,7 @@ class DockerEngine:
                 hits the cache or finishes.
             dockerfile: the Dockerfile's path inside the context.
             buildargs: ``ARG`` values.
-            builder: ``classic`` or ``buildkit``.
+            builder: ``classic`` or ``buildkit`` (see :meth:`buildkit_available`).
             nocache: build every step.
             pull: try to pull a newer base image first.
             network_mode: network for ``RUN`` steps (the engine's default otherwise).
@@ -393,6 +441,8 @@ class DockerEngine:
                 the last lines of the output.
             InvalidInput: the context folder or its Dockerfile does not exist, or
                 ``builder`` is unknown.
+            BuildkitUnavailable: ``builder="buildkit"`` and the engine refused it (no
+                image was built: build again with the classic builder).
             EngineUnavailable: the engine stopped answering.
         """
         context_dir = Path(context_dir)
@@ -424,6 +474,12 @@ class DockerEngine:
                 reader.fail(_api_message(e))
             finally:
                 body.close()
+                if builder == "buildkit":
+                    self._drop_build_context(reader.started, log)
+            if reader.error is not None and builder == "buildkit" and _NO_BUILDKIT.search(reader.error):
+                self._buildkit = False
+                raise BuildkitUnavailable(f"the engine at {self.address} does not build with "
+                                          f"BuildKit: {reader.error}")
             if reader.error is not None:
                 where = reader.failed_step()
                 tail = reader.tail()
@@ -469,6 +525,36 @@ class DockerEngine:
                                   headers=headers, stream=True)
         self.api._raise_for_status(response)
         return self.api._stream_helper(response, decode=True)
+
+    def _drop_build_context(self, started: float | None, log: _BuildLog) -> None:
+        """Remove from the engine's build cache what a BuildKit build through the API
+        leaves there for nothing: its context, once as uploaded (a record "http url
+        http://build-context-ID", ID random, so never asked for again) and once unpacked
+        (a "fileop target" on no parent, made while the build ran). Each is the size of
+        the whole context, models included, and an engine whose BuildKit has no garbage
+        collection (Docker 20.10's default) would keep them all. The steps' own cache is
+        untouched (a COPY is keyed by its files' checksums, not by these records).
+
+        NOTE: a record is the engine's, not this build's: only context uploads not in
+        use (by construction, never used again) are taken, and unpacked contexts made
+        since this build's first step started (the engine's clock). A failure here is
+        written to the build log and otherwise ignored.
+        """
+        try:
+            with self._engine_errors():
+                resp = self.api._get(self.api._url("/system/df"), params={"type": "build-cache"})
+                records = self.api._result(resp, True).get("BuildCache") or []
+                for r in records:
+                    desc, created = r.get("Description") or "", _parse_time(r.get("CreatedAt"))
+                    if r.get("InUse"):
+                        continue
+                    upload = desc.startswith("http url http://build-context-")
+                    unpacked = (desc == "fileop target" and not r.get("Parent") and started
+                                and created is not None and created.timestamp() >= started - 1)
+                    if upload or unpacked:
+                        self.api.prune_builds(filters={"id": [r["ID"]]})
+        except Exception as e:  # noqa: BLE001  clean-up only: the build itself is done
+            log.write(f"(the build context left in the engine's build cache was not removed: {e})\n")
 
     def _image_id_of(self, tag: str) -> str:
         info = self.image_info(tag)
@@ -1077,7 +1163,7 @@ class _BuildkitStream(_StreamReader):
     Only the few protobuf fields needed are read (moby/buildkit
     api/services/control/control.proto): StatusResponse.vertexes=1, .logs=3;
     Vertex.digest=1, .name=3, .cached=4, .started=5, .completed=6, .error=7;
-    VertexLog.vertex=1, .msg=4.
+    VertexLog.vertex=1, .msg=4; Timestamp.seconds=1, .nanos=2.
     """
 
     def __init__(self, progress_cb, log):
@@ -1088,6 +1174,7 @@ class _BuildkitStream(_StreamReader):
         self.stage_totals: dict[str, int] = {}
         self.stage_order: list[str] = []
         self.failed_digest = ""
+        self.started: float | None = None  # the engine's clock, when the first vertex started
         self._partial: dict[str, str] = {}
         self._announced: set[_Step] = set()
 
@@ -1126,6 +1213,9 @@ class _BuildkitStream(_StreamReader):
                 cached = bool(val)
             elif num == 5:
                 started = True
+                when = _pb_timestamp(val)
+                if when is not None and (self.started is None or when < self.started):
+                    self.started = when
             elif num == 6:
                 completed = True
             elif num == 7:
@@ -1211,6 +1301,18 @@ def _pb_varint(buf: bytes, i: int) -> tuple[int, int]:
         if b < 0x80:
             return value, i
         shift += 7
+
+
+def _pb_timestamp(buf: bytes) -> float | None:
+    """A google.protobuf.Timestamp as seconds since the epoch."""
+    try:
+        fields = {num: val for num, _wt, val in _pb_fields(buf)}
+    except (ValueError, IndexError):
+        return None
+    seconds, nanos = fields.get(1, 0), fields.get(2, 0)
+    if not isinstance(seconds, int) or not isinstance(nanos, int):
+        return None
+    return seconds + nanos / 1e9
 
 
 def _pb_fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:

@@ -1,8 +1,9 @@
 """Golden files: the Dockerfile and README that the package target writes.
 
 Each case deploys a package target through the real steps into ``tmp_path`` and
-compares ``dist/package/<service>/Dockerfile`` and ``README.md`` with
-``tests/unit/golden/<case>.Dockerfile`` / ``<case>.README.md``, after normalising
+compares ``dist/package/<service>/Dockerfile``, ``Dockerfile.buildkit`` and ``README.md``
+with ``tests/unit/golden/<case>.Dockerfile`` / ``<case>.buildkit.Dockerfile`` /
+``<case>.README.md``, after normalising
 what legitimately changes between mlbuild versions (the version string and the
 fingerprint in the image tag).
 
@@ -183,6 +184,10 @@ def test_package_golden(case, tmp_path):
     assert f":{digest.split(':')[1][:16]}" in readme
     assert_golden(f"{case}.Dockerfile", normalise(dockerfile))
     assert_golden(f"{case}.README.md", normalise(readme))
+    # Its rendering for BuildKit (cache mounts), which mlbuild builds where it can.
+    buildkit = (pkg / "Dockerfile.buildkit").read_text()
+    assert (root / ".mlbuild/contexts" / service / "Dockerfile.buildkit").read_text() == buildkit
+    assert_golden(f"{case}.buildkit.Dockerfile", normalise(buildkit))
 
 
 def test_normalise_only_touches_volatile_parts():

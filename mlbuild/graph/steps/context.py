@@ -2,10 +2,13 @@
 
 The context (``.mlbuild/contexts/<service>/``) holds only what the image needs::
 
-    Dockerfile                  rendered from templates/Dockerfile.j2
+    Dockerfile                  rendered from templates/Dockerfile.j2, for any builder
+    Dockerfile.buildkit         the same for BuildKit: the installers' caches as cache
+                                mounts (what mlbuild builds where the engine has BuildKit)
     env/requirements.lock.txt   a pip environment's lock (without its header), or
     env/conda-lock.yml          a conda environment's lock (its packages alone), and
     env/installer/mlbuild/...   the installer the image's builder stage runs on it
+    env/runtime-requirements.txt  the serving runtime's requirements
     env/slim.py                 makes the installed environment smaller (mlbuild/slim.py)
     imports.txt                 what the service imports at start, compiled in the image
                                 (mlbuild/startup_imports.py, mlbuild/runtime/warm.py)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shlex
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +44,11 @@ APP_ROOT = "/var/mlbuild/app"
 RUNTIME_ROOT = "/opt/mlbuild"
 CONTAINER_PORT = 5001
 CONDA_PREFIX = "/opt/conda"
+DOCKERFILE = "Dockerfile"
+DOCKERFILE_BUILDKIT = "Dockerfile.buildkit"
+# The installer of every image's Python packages, pinned: its version is part of the
+# Dockerfile, so of the image's fingerprint. Offline, its wheel is among the wheels.
+UV_REQUIREMENT = "uv==0.13.9"
 
 
 @lru_cache(maxsize=1)
@@ -218,12 +227,13 @@ class ContextStep(Step):
 
             put_file("env/slim.py", build_tools()["slim.py"])
 
-            # The runtime.
-            runtime_reqs = None
+            # The runtime (its requirements also beside the lock: the environment is
+            # installed from env/ alone, which a BuildKit build mounts as it is).
+            runtime_reqs = "env/runtime-requirements.txt"
             for rel, p in runtime_files():
                 put_file(rel, p)
                 if rel == "runtime/mlbuild/runtime/requirements.txt":
-                    runtime_reqs = rel
+                    put_file(runtime_reqs, p)
 
             # Models, in MODEL_DIR layout: models/NAME/VERSION/<file or folder>.
             models = []
@@ -288,8 +298,7 @@ class ContextStep(Step):
             else:
                 base_image = DEFAULT_BASE_IMAGE
 
-            dockerfile = render(
-                "Dockerfile.j2",
+            values = dict(
                 mlbuild_version=mlbuild.__version__,
                 project=project.name,
                 service=s.name,
@@ -300,6 +309,9 @@ class ContextStep(Step):
                 conda_prefix=CONDA_PREFIX,
                 builder_image=DEFAULT_BASE_IMAGE,
                 installer_requirements=installer_requirements(),
+                uv_requirement=shlex.quote(UV_REQUIREMENT),
+                uv_cache_id=uv_cache_id(base_image),
+                conda_cache_id=CONDA_CACHE_ID,
                 offline=wheels is not None,
                 runtime_requirements=runtime_reqs,
                 runtime_root=RUNTIME_ROOT,
@@ -317,7 +329,8 @@ class ContextStep(Step):
                 port=CONTAINER_PORT,
                 model_refs=",".join(f"{m['name']}:{m['version']}" for m in models),
             )
-            put_text("Dockerfile", dockerfile)
+            put_text(DOCKERFILE, render("Dockerfile.j2", buildkit=False, **values))
+            put_text(DOCKERFILE_BUILDKIT, render("Dockerfile.j2", buildkit=True, **values))
             fsutil.replace_dir(stage, target)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
@@ -372,6 +385,19 @@ def map_image_path(value: str, roots: dict[str, Path]) -> str:
     return value
 
 
+CONDA_CACHE_ID = "mlbuild-conda-pkgs"
+
+
+def uv_cache_id(base_image: str) -> str:
+    """The id of the engine's cache mount for uv under BuildKit: one per base image.
+
+    NOTE: per base image, not one for all: uv keys the wheels it builds from sources by
+    their tags (``linux_x86_64``), not by the C library they were built against, so a
+    wheel built on one base could be taken on an older one.
+    """
+    return f"mlbuild-uv-{base_image}"
+
+
 def installer_requirements() -> str:
     """The builder stage's pip arguments for the conda installer's own packages."""
     from mlbuild.backends.conda import INSTALLER_REQUIREMENTS
@@ -390,7 +416,7 @@ def check_conda_lock(env, lock: Path, shown: str) -> bool:
     packages = conda.locked_packages(lock, "linux-64")
     names = {p.name for p in packages if p.manager == "conda"}
     for need, why in (("python", "the service runs on it"),
-                      ("pip", "the serving runtime's packages are installed with it")):
+                      ("pip", "the image's pip, first on its PATH, is the environment's")):
         if need not in names:
             raise InvalidInput(f"environments.{env.name}: {shown} has no {need} for "
                                f"linux-64 ({why})",

@@ -8,7 +8,12 @@ source), so two checkouts of the same commit name the same tag. Before building:
 
     tag in the engine        → nothing to do
     tag in the registry      → pull it (a fresh CI machine pulls instead of building)
-    otherwise                → docker build (the classic builder: cache hits per step)
+    otherwise                → build: the context's Dockerfile.buildkit with BuildKit
+                               where the engine has it (the installers' caches as cache
+                               mounts), else its Dockerfile with the classic builder
+
+Both Dockerfiles make the same image, so the tag does not depend on the builder.
+``MLBUILD_BUILDER`` (``auto``, ``buildkit`` or ``classic``) overrides the choice.
 
 Up to date means the recorded tag is still in the engine (one cheap API call).
 """
@@ -20,10 +25,12 @@ import os
 
 from mlbuild import written
 from mlbuild.backends import dockerapi
+from mlbuild.errors import InvalidInput, StepFailed
 from mlbuild.graph.step import BuildContext, Step
-from mlbuild.graph.steps.context import context_of
+from mlbuild.graph.steps.context import DOCKERFILE, DOCKERFILE_BUILDKIT, context_of
 
 LABEL_FINGERPRINT = "dev.mlbuild.fingerprint"
+BUILDER_ENV = "MLBUILD_BUILDER"
 
 
 def engine(ctx: BuildContext):
@@ -43,6 +50,22 @@ def repository(project, service: str) -> str:
 
 def image_tag(project, service: str, fingerprint: str) -> str:
     return f"{repository(project, service)}:{fingerprint.split(':')[-1][:16]}"
+
+
+def builder_for(eng) -> str:
+    """``buildkit`` or ``classic``: ``$MLBUILD_BUILDER`` when it names one, else BuildKit
+    where the engine has it.
+
+    Raises:
+        InvalidInput: ``$MLBUILD_BUILDER`` is set to something else.
+    """
+    choice = os.environ.get(BUILDER_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "buildkit", "classic"):
+        raise InvalidInput(f"{BUILDER_ENV}={choice!r} is not a builder",
+                           hint="auto (the default), buildkit or classic")
+    if choice != "auto":
+        return choice
+    return "buildkit" if eng.buildkit_available() else "classic"
 
 
 def image_present(tag: str) -> bool | None:
@@ -103,13 +126,29 @@ class ImageStep(Step):
                 if ev.status == "done":
                     ctx.log(f"    {service} [{ev.step}/{ev.total}] {ev.instruction[:64]}")
 
-            res = eng.build(project.root / context["dir"], tag, log_path=log_path,
-                            labels={LABEL_FINGERPRINT: fingerprint},
-                            progress_cb=progress, step_id=self.id)
+            from mlbuild.backends.docker import BuildkitUnavailable
+
+            def build(builder: str):
+                return eng.build(project.root / context["dir"], tag, log_path=log_path,
+                                 labels={LABEL_FINGERPRINT: fingerprint}, progress_cb=progress,
+                                 builder=builder,
+                                 dockerfile=DOCKERFILE_BUILDKIT if builder == "buildkit" else DOCKERFILE,
+                                 step_id=self.id)
+
+            builder = builder_for(eng)
+            try:
+                res = build(builder)
+            except BuildkitUnavailable as e:
+                if os.environ.get(BUILDER_ENV, "").strip().lower() == "buildkit":
+                    raise StepFailed(self.id, str(e), hint=f"unset {BUILDER_ENV}: mlbuild "
+                                     "then builds with the classic builder") from None
+                ctx.log(f"  note        {e}; building with the classic builder")
+                builder = "classic"
+                res = build(builder)
             how, built, cached = "built", res.built, res.cached
         info = eng.image_info(tag)
         return {"tag": tag, "image_id": info.id, "how": how, "built": built, "cached": cached,
-                "size": info.size,
+                "builder": builder if how == "built" else None, "size": info.size,
                 "log": os.path.relpath(ctx.state_dir / "logs" / f"build-{service}.log",
                                        project.root) if how == "built" else None}
 
@@ -119,8 +158,10 @@ class ImageStep(Step):
     def summary(self, outputs: dict) -> str:
         mb = outputs["size"] / 1e6
         if outputs["how"] == "built":
+            builder = {"buildkit": "; BuildKit", "classic": "; classic builder"}.get(
+                outputs.get("builder") or "", "")
             return (f"built {outputs['tag']} ({outputs['built']} steps run, "
-                    f"{outputs['cached']} cached; {mb:.0f} MB)")
+                    f"{outputs['cached']} cached; {mb:.0f} MB{builder})")
         return f"{outputs['how']} {outputs['tag']} ({mb:.0f} MB)"
 
 

@@ -4,7 +4,8 @@
 
 For a package target with ``offline: true`` (or ``deploy --offline``): the lock's wheels
 for Linux x86_64 / the environment's Python, and the serving runtime's, are fetched
-with ``pip download`` (which checks the lock's hashes) into a content-addressed cache,
+with ``pip download`` (which checks the lock's hashes), and the wheel of uv, the
+image's installer (``UV_REQUIREMENT``), into a content-addressed cache,
 ``.mlbuild/wheels/sha256/ab/<digest>/<file>``, and hard-linked into the build context
 (``.mlbuild/wheels/found/<fingerprint>.json`` remembers what a step found, so the
 same step after ``mlbuild clean`` takes the files without asking pip).
@@ -16,7 +17,7 @@ A conda environment's lock gives three kinds of files, all in the same cache (ke
 sha256): its linux-64 conda archives (downloaded from the lock's URLs and checked
 against its hashes; they go to the context's ``conda-pkgs/``), the wheels of its pip
 section and of the runtime's requirements for the environment's Python, and the
-wheels of the image builder stage's installer (py-rattler, PyYAML) for the base
+wheels of the image builder stage's installer (py-rattler, PyYAML, uv) for the base
 image's Python.
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 from mlbuild import fsutil
 from mlbuild.errors import MlbuildError, StepFailed
 from mlbuild.graph.step import BuildContext, Step
+from mlbuild.graph.steps.context import UV_REQUIREMENT
 from mlbuild.graph.steps.lock import DEFAULT_PYTHON, pins_of
 from mlbuild.graph.steps.venv import runtime_requirements
 from mlbuild.state.digest import hash_file
@@ -66,7 +68,7 @@ def store(ctx: BuildContext, f: Path) -> tuple[str, bool]:
 
 class WheelsStep(Step):
     kind = "wheels"
-    version = 2
+    version = 3
 
     def _env(self, ctx: BuildContext):
         return ctx.project.environments[self.params["environment"]]
@@ -84,7 +86,7 @@ class WheelsStep(Step):
         from mlbuild.backends.conda import INSTALLER_REQUIREMENTS
 
         return {"platforms": PLATFORMS, "installer": list(INSTALLER_REQUIREMENTS),
-                "builder_python": DEFAULT_PYTHON}
+                "builder_python": DEFAULT_PYTHON, "uv": UV_REQUIREMENT}
 
     def _download(self, ctx: BuildContext, dest: Path, args: list[str],
                   python: str | None = None, failed: str = "fetching the wheels failed",
@@ -153,6 +155,9 @@ class WheelsStep(Step):
                            f"environment {env.name}",
                     hint="allow the version the runtime needs in the environment's spec "
                          "(see the conflict above), then mlbuild lock")
+                # The installer, which the image's builder runs on the same Python.
+                used |= self._download(ctx, dl, [UV_REQUIREMENT],
+                                       failed="fetching the wheel of uv failed")
             wheels = []
             for name in sorted(used):
                 digest, added = store(ctx, dl / name)
@@ -178,7 +183,8 @@ class WheelsStep(Step):
                                    python)
         used |= self._download(ctx, dl, ["-r", str(runtime_requirements())], python)
         # The builder stage runs the installer on the base image's own Python.
-        used |= self._download(ctx, dl, list(conda.INSTALLER_REQUIREMENTS), DEFAULT_PYTHON)
+        used |= self._download(ctx, dl, [*conda.INSTALLER_REQUIREMENTS, UV_REQUIREMENT],
+                               DEFAULT_PYTHON)
         return used
 
     def _conda_archives(self, ctx: BuildContext, lock: Path, dl: Path) -> tuple[list, int]:

@@ -6,23 +6,26 @@
 # The conda environment is made in a builder stage: exactly the locked packages,
 # installed by mlbuild's installer on py-rattler (no micromamba: see
 # mlbuild/backends/conda.py), then the lock's pip section and the serving runtime's
-# requirements with the environment's own pip, made smaller (mlbuild/slim.py). Only
-# /opt/conda reaches the image.
+# requirements with uv, made smaller (mlbuild/slim.py). Only /opt/conda reaches
+# the image.
 # The builder is always python:3.11-slim (a Python with pip for the installer, whose
 # offline wheels are for it); the environment brings its own Python.
 FROM python:3.11-slim AS conda-env
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     LANG=C.UTF-8
-RUN python -m pip install 'py-rattler>=0.28,<0.29' 'pyyaml>=6'
+RUN python -m pip install 'py-rattler>=0.28,<0.29' 'pyyaml>=6' uv==0.13.9
 COPY env/installer/ /opt/mlbuild-installer/
 COPY env/slim.py /opt/mlbuild-env/slim.py
 COPY env/conda-lock.yml /opt/mlbuild-env/conda-lock.yml
 RUN PYTHONPATH=/opt/mlbuild-installer python -m mlbuild.backends.conda install /opt/mlbuild-env/conda-lock.yml /opt/conda --platform linux-64 --cache-dir /tmp/conda-pkgs-cache
-RUN PYTHONPATH=/opt/mlbuild-installer python -m mlbuild.backends.conda pip-requirements /opt/mlbuild-env/conda-lock.yml --platform linux-64 > /opt/mlbuild-env/pip.lock.txt \
- && /opt/conda/bin/python -m pip install --no-compile --require-hashes --no-deps --requirement /opt/mlbuild-env/pip.lock.txt
-COPY runtime/mlbuild/runtime/requirements.txt /opt/mlbuild-env/runtime-requirements.txt
-RUN /opt/conda/bin/python -m pip install --no-compile --requirement /opt/mlbuild-env/runtime-requirements.txt \
+COPY env/runtime-requirements.txt /opt/mlbuild-env/runtime-requirements.txt
+RUN export UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1 UV_LINK_MODE=copy UV_NO_CACHE=1 \
+ && if [ -n "${PIP_INDEX_URL:-}" ]; then export UV_DEFAULT_INDEX="$PIP_INDEX_URL"; fi \
+ && if [ -n "${PIP_EXTRA_INDEX_URL:-}" ]; then export UV_INDEX="$PIP_EXTRA_INDEX_URL"; fi \
+ && PYTHONPATH=/opt/mlbuild-installer python -m mlbuild.backends.conda pip-requirements /opt/mlbuild-env/conda-lock.yml --platform linux-64 > /opt/mlbuild-env/pip.lock.txt \
+ && python -m uv pip install --python /opt/conda/bin/python --require-hashes --no-deps --requirement /opt/mlbuild-env/pip.lock.txt \
+ && python -m uv pip install --python /opt/conda/bin/python --requirement /opt/mlbuild-env/runtime-requirements.txt \
  && python /opt/mlbuild-env/slim.py /opt/conda
 
 FROM python:3.11-slim

@@ -3,22 +3,26 @@
 # serving runtime, the bytecode of what a start imports, settings, models (biggest
 # first, one layer each), then the source: an edit of the entry script rebuilds the
 # last layer only (the bytecode layer too when it changes what the script imports).
-# The packages are installed in a builder stage under /opt/mlbuild-root as if it were /, and
-# made smaller there (mlbuild/slim.py: debug sections stripped, test suites, bytecode
-# caches, C/Cython sources and stubs removed, duplicates linked). That tree is copied onto
-# the image.
+# The packages are installed by uv in a builder stage, under /opt/mlbuild-root as if it
+# were /, and made smaller there (mlbuild/slim.py: debug sections stripped, test suites,
+# bytecode caches, C/Cython sources and stubs removed, duplicates linked). That tree is
+# copied onto the image.
 FROM python:3.11-slim AS env
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     LANG=C.UTF-8
-COPY env/slim.py /opt/mlbuild-env/slim.py
-COPY env/requirements.lock.txt /opt/mlbuild-env/requirements.lock.txt
-RUN python -m pip install --root /opt/mlbuild-root --no-compile --require-hashes --no-deps --requirement /opt/mlbuild-env/requirements.lock.txt \
- && python /opt/mlbuild-env/slim.py /opt/mlbuild-root
-COPY runtime/mlbuild/runtime/requirements.txt /opt/mlbuild-env/runtime-requirements.txt
-# PYTHONPATH: pip sees the environment's packages (installed under the root) as installed.
-RUN PYTHONPATH=$(python -c 'import sysconfig; print(":".join({"/opt/mlbuild-root" + sysconfig.get_path(k) for k in ("purelib", "platlib")}))') \
-    python -m pip install --root /opt/mlbuild-root --no-compile --requirement /opt/mlbuild-env/runtime-requirements.txt \
+RUN python -m pip install --target /opt/mlbuild-uv uv==0.13.9
+COPY env/ /opt/mlbuild-env/
+RUN export UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1 UV_LINK_MODE=copy UV_NO_CACHE=1 \
+ && if [ -n "${PIP_INDEX_URL:-}" ]; then export UV_DEFAULT_INDEX="$PIP_INDEX_URL"; fi \
+ && if [ -n "${PIP_EXTRA_INDEX_URL:-}" ]; then export UV_INDEX="$PIP_EXTRA_INDEX_URL"; fi \
+ && site=$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+ && scripts=$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))') \
+ && install="/opt/mlbuild-uv/bin/uv pip install --python $(command -v python) --target /opt/mlbuild-root$site" \
+ && $install --require-hashes --no-deps --requirement /opt/mlbuild-env/requirements.lock.txt \
+ && $install --requirement /opt/mlbuild-env/runtime-requirements.txt \
+ && rm -f "/opt/mlbuild-root$site/.lock" \
+ && if [ -d "/opt/mlbuild-root$site/bin" ]; then mkdir -p "$(dirname "/opt/mlbuild-root$scripts")" && mv "/opt/mlbuild-root$site/bin" "/opt/mlbuild-root$scripts"; fi \
  && python /opt/mlbuild-env/slim.py /opt/mlbuild-root
 
 FROM python:3.11-slim
