@@ -112,10 +112,8 @@ def test_the_process_target_starts_with_it_and_a_change_reruns_the_context(tmp_p
     assert set(statuses(run(root, "bundle")).values()) == {UP_TO_DATE}
 
 
-@pytest.mark.xfail(strict=True, reason="templates/Dockerfile.j2 (under BuildKit rework) sets "
-                   "only MLBUILD_MAX_BODY_BYTES of the service's runtime_env(); the docker, "
-                   "kubernetes and package targets get the batching variables from the image")
 def test_the_image_declares_it(tmp_path):
+    # The docker, kubernetes and package targets get the batching variables from the image.
     root = make_project(tmp_path / "p", with_batching("{max_batch_size: 16, max_latency_ms: 4}"))
     run(root, "bundle")
     dockerfile = (root / "dist/package/svc/Dockerfile").read_text()

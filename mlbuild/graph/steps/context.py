@@ -326,6 +326,7 @@ class ContextStep(Step):
                 auth=s.auth,
                 cors=",".join(s.cors),
                 max_body_bytes=s.max_body_bytes,
+                batching_env=s.batching.runtime_env() if s.batching else {},
                 port=CONTAINER_PORT,
                 model_refs=",".join(f"{m['name']}:{m['version']}" for m in models),
             )
