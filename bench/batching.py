@@ -52,7 +52,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import Server, cpu_split, free_port, paired_ratio, run_wrk  # noqa: E402
+from serve import Server, cpu_split, free_port, paired_ratio, run_rounds, run_wrk  # noqa: E402
 
 CONCURRENCY = (1, 32)
 GOAL_C = 32
@@ -285,25 +285,8 @@ def main() -> int:
             for s in servers:  # warm-up: first-call costs and lazy imports off the clock
                 run_wrk(s.url, work / "post.lua", GOAL_C, 2, args.threads, wrk_pin)
 
-            results = {(s.name, c): [] for s in servers for c in CONCURRENCY}
-            total = args.rounds * len(CONCURRENCY) * len(servers) * round(args.duration)
-            print(f"{args.rounds} rounds x c={CONCURRENCY} x {len(servers)} servers x "
-                  f"{args.duration:g} s (~{total:.0f} s)")
-            for rnd in range(args.rounds):
-                for c in CONCURRENCY:
-                    order = servers if rnd % 2 == 0 else servers[::-1]
-                    for s in order:
-                        if s.proc.poll() is not None:
-                            raise RuntimeError(f"{s.name} died:\n{s.log_tail()}")
-                        cpu = s.cpu_seconds()
-                        r = run_wrk(s.url, work / "post.lua", c, args.duration, args.threads,
-                                    wrk_pin)
-                        r["cpu_us"] = (s.cpu_seconds() - cpu) * 1e6 / max(1, r["requests"])
-                        results[(s.name, c)].append(r)
-                        bad = (f"  non-2xx {r['non2xx']}" if r["non2xx"] else "") + \
-                              (f"  socket errors: {r['errors']}" if r["errors"] else "")
-                        print(f"  round {rnd + 1} c={c:<3} {s.name:<10} {r['rps']:>8.0f} req/s"
-                              f"  p99 {r['p99']:>8.2f} ms  CPU {r['cpu_us']:>6.0f} us/req{bad}")
+            results = run_rounds(servers, work / "post.lua", CONCURRENCY, args.rounds,
+                                 args.duration, args.threads, wrk_pin)
             stats = batch_stats(servers[0].url)
         finally:
             for s in servers:

@@ -300,6 +300,32 @@ LABELS = {"runtime": "mlbuild runtime", "serve": "mlbuild serve", "bare": "bare 
           "azmlinfsrv": "azmlinfsrv"}
 
 
+def run_rounds(servers: list, lua: Path, concurrency: tuple, rounds: int, duration: float,
+               threads: int, wrk_pin: list[str]) -> dict:
+    """wrk against every server at every concurrency, ``rounds`` times, in an order
+    reversed every other round (compared runs are seconds apart on a noisy machine).
+    Returns ``{(server name, c): [wrk result, ...]}``, each with the server's CPU time
+    per request (``cpu_us``)."""
+    results = {(s.name, c): [] for s in servers for c in concurrency}
+    total = rounds * len(concurrency) * len(servers) * round(duration)
+    print(f"{rounds} rounds x c={concurrency} x {len(servers)} servers x "
+          f"{duration:g} s (~{total:.0f} s)")
+    for rnd in range(rounds):
+        for c in concurrency:
+            for s in servers if rnd % 2 == 0 else servers[::-1]:
+                if s.proc.poll() is not None:
+                    raise RuntimeError(f"{s.name} died:\n{s.log_tail()}")
+                cpu = s.cpu_seconds()
+                r = run_wrk(s.url, lua, c, duration, threads, wrk_pin)
+                r["cpu_us"] = (s.cpu_seconds() - cpu) * 1e6 / max(1, r["requests"])
+                results[(s.name, c)].append(r)
+                bad = (f"  non-2xx {r['non2xx']}" if r["non2xx"] else "") + \
+                      (f"  socket errors: {r['errors']}" if r["errors"] else "")
+                print(f"  round {rnd + 1} c={c:<3} {s.name:<11} {r['rps']:>8.0f} req/s"
+                      f"  p99 {r['p99']:>7.2f} ms  CPU {r['cpu_us']:>5.0f} us/req{bad}")
+    return results
+
+
 def paired_ratio(results: dict, num: str, den: str, c: int, metric: str) -> float | None:
     """Median over the rounds of ``num``'s metric / ``den``'s, run by run."""
     pairs = [a[metric] / b[metric] for a, b in zip(results[(num, c)], results[(den, c)])
@@ -507,25 +533,8 @@ def main() -> int:
             for s in servers:  # warm-up: first-call costs and lazy imports off the clock
                 run_wrk(s.url, work / "post.lua", 16, 1, args.threads, wrk_pin)
 
-            results = {(s.name, c): [] for s in servers for c in CONCURRENCY}
-            total = args.rounds * len(CONCURRENCY) * len(servers) * round(args.duration)
-            print(f"{args.rounds} rounds x c={CONCURRENCY} x {len(servers)} servers x "
-                  f"{args.duration:g} s (~{total:.0f} s)")
-            for rnd in range(args.rounds):
-                for c in CONCURRENCY:
-                    order = servers if rnd % 2 == 0 else servers[::-1]
-                    for s in order:
-                        if s.proc.poll() is not None:
-                            raise RuntimeError(f"{s.name} died:\n{s.log_tail()}")
-                        cpu = s.cpu_seconds()
-                        r = run_wrk(s.url, work / "post.lua", c, args.duration, args.threads,
-                                    wrk_pin)
-                        r["cpu_us"] = (s.cpu_seconds() - cpu) * 1e6 / max(1, r["requests"])
-                        results[(s.name, c)].append(r)
-                        bad = (f"  non-2xx {r['non2xx']}" if r["non2xx"] else "") + \
-                              (f"  socket errors: {r['errors']}" if r["errors"] else "")
-                        print(f"  round {rnd + 1} c={c:<3} {s.name:<11} {r['rps']:>8.0f} req/s"
-                              f"  p99 {r['p99']:>7.2f} ms  CPU {r['cpu_us']:>5.0f} us/req{bad}")
+            results = run_rounds(servers, work / "post.lua", CONCURRENCY, args.rounds,
+                                 args.duration, args.threads, wrk_pin)
             rss = {s.name: s.peak_rss_mb() for s in servers}
         finally:
             for s in servers:
