@@ -16,7 +16,8 @@ a changed service start *beside* the old one on the same port, without a gap:
        init() returned, and reports readiness on a health port of its own (a free
        port picked here) — until then the old container serves every request;
     2. ready → the old container is retired without waiting for it: renamed
-       ``NAME-old``, never restarted, sent SIGTERM (its listener closes at once, its
+       ``NAME-old``, never restarted, sent SIGTERM (its listener closes on its event loop's
+       next turn -- until then it may still take a new connection --, its
        in-flight requests finish, then it exits by itself; the next deploy or ``down``
        removes it), and ``NAME-next`` is renamed ``NAME``: one container start per
        deploy, and no wait for a stop (~0.5 s of each redeploy of the demo);
