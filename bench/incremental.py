@@ -258,6 +258,7 @@ def is_env_step(instruction: str) -> bool:
     """Whether a Dockerfile step mlbuild printed as run installs the environment (it
     prints 64 characters of each)."""
     return any(k in instruction for k in ("pip install", "UV_PYTHON", "--mount=type=cache",
+                                          "source=env,target=/srv",
                                           "--from=env", "--from=conda-env"))
 
 

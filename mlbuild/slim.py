@@ -403,11 +403,61 @@ def slim(root: str) -> dict[str, int]:
     return out
 
 
+def move_scripts(root: str, site: str, scripts: str) -> int:
+    """Move the scripts an install with ``--target ROOT+SITE`` put in ``ROOT+SITE/bin`` to
+    ``ROOT+SCRIPTS``, where the interpreter's own scripts are, and say so in each
+    distribution's RECORD (which lists them as ``bin/NAME``, relative to SITE): an
+    uninstall then finds them (the delta layer of an image's environment uninstalls
+    what the lock no longer wants, see mlbuild/envlayers.py). The number moved."""
+    import csv
+    import io
+    import shutil
+
+    src = root + site + "/bin"
+    if not os.path.isdir(src):
+        return 0
+    dst = root + scripts
+    os.makedirs(dst, exist_ok=True)
+    moved = 0
+    for name in sorted(os.listdir(src)):
+        target = os.path.join(dst, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        shutil.move(os.path.join(src, name), target)
+        moved += 1
+    os.rmdir(src)
+    rel = os.path.relpath(scripts, site).replace(os.sep, "/")
+    for entry in os.listdir(root + site):
+        record = os.path.join(root + site, entry, "RECORD")
+        if not entry.endswith(".dist-info") or not os.path.isfile(record):
+            continue
+        with open(record, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        if not any(r and r[0].startswith("bin/") for r in rows):
+            continue
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        for r in rows:
+            if r and r[0].startswith("bin/"):
+                r = [rel + r[0][3:]] + r[1:]
+            writer.writerow(r)
+        with open(record, "w", encoding="utf-8", newline="") as fh:
+            fh.write(out.getvalue())
+    return moved
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip().splitlines()[0])
         print("usage: python slim.py ROOT [ROOT ...]")
+        print("       python slim.py --move-scripts ROOT SITE SCRIPTS")
         return 0 if argv else 2
+    if argv[0] == "--move-scripts":
+        if len(argv) != 4:
+            print("usage: python slim.py --move-scripts ROOT SITE SCRIPTS")
+            return 2
+        move_scripts(*argv[1:])
+        return 0
     for root in argv:
         if not os.path.isdir(root):
             print("slim %s: nothing installed there" % root)

@@ -1204,6 +1204,7 @@ class _BuildkitStream(_StreamReader):
     def _vertex(self, raw: bytes) -> None:
         digest = name = error = ""
         cached = started = completed = False
+        began = ended = None
         for num, _wt, val in _pb_fields(raw):
             if num == 1:
                 digest = val.decode()
@@ -1213,11 +1214,12 @@ class _BuildkitStream(_StreamReader):
                 cached = bool(val)
             elif num == 5:
                 started = True
-                when = _pb_timestamp(val)
+                when = began = _pb_timestamp(val)
                 if when is not None and (self.started is None or when < self.started):
                     self.started = when
             elif num == 6:
                 completed = True
+                ended = _pb_timestamp(val)
             elif num == 7:
                 error = val.decode("utf-8", errors="replace")
         if digest not in self.vertex_no:
@@ -1226,6 +1228,10 @@ class _BuildkitStream(_StreamReader):
             self.vertex_step[digest] = self._step_of(name)
         n = self.vertex_no[digest]
         step = self.vertex_step[digest]
+        if began is not None and ended is not None and not cached:
+            # Every vertex's time in the build log, internal ones (exporting) too: where
+            # a build spends its time.
+            self.log.write(f"#{n} took {ended - began:.2f} s\n")
         if error:
             self.log.write(f"#{n} ERROR: {error}\n")
             if step is not None or not self.failed_digest:

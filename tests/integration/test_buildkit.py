@@ -208,20 +208,36 @@ def test_build_counts_every_step_and_fills_the_cache(project, docker_client):
             and (r.get("Description") or "").startswith("http url http://build-context-")] == []
 
 
-def test_adding_a_package_downloads_that_package_alone(project):
+def env_steps(progress: str) -> list[str]:
+    """The environment steps that ran: ``base`` (the lock's layer with the runtime's
+    requirements) and ``delta`` (the lock's changes since, mlbuild/envlayers.py)."""
+    shown = re.findall(r"^    echo \[\d+/\d+\] (.*)$", progress, re.M)
+    return ["delta" if i.startswith("RUN --mount=type=bind,source=env,target=/srv") else "base"
+            for i in shown if "--mount=type=cache" in i or "target=/srv" in i]
+
+
+def test_adding_a_package_downloads_and_installs_that_package_alone(project):
     spec = project.root / "envs/requirements.txt"
     spec.write_text(spec.read_text() + "six\n")
     image, progress = project.build()
     assert image["status"] == "ran"
     built, cached, builder = counts(image["summary"])
-    assert builder == "BuildKit" and cached >= 2  # the uv stage, the user
-    assert "--mount=type=cache" in progress  # the environment's step ran ...
+    # The uv stage, the user, the environment's base layer: cached (the runtime and the
+    # warm-up too, unless mlbuild's runtime changed between the builds). The delta layer
+    # runs, and the layers above it (models, samples, app).
+    assert builder == "BuildKit" and cached >= 3, image["summary"] + progress
+    assert env_steps(progress) == ["delta"], progress
     log = project.build_log()
-    assert prepared(log) == [1], log  # ... and fetched six alone from the index
-    assert re.search(r"^#\d+ Installed 4 packages in", log, re.M), log  # idna certifi pyparsing six
+    assert prepared(log) == [1], log  # six alone fetched from the index ...
+    assert re.search(r"^#\d+ Installed 1 package in", log, re.M), log  # ... and installed
     assert " + six==" in log
+    assert (project.context / "env/delta.lock.txt").read_text().startswith("six==")
     r = run(tag_of(image["summary"]), "python", "-c", "import six, idna, certifi, pyparsing, uvicorn")
     assert r.returncode == 0, r.stderr
+    # six comes with its bytecode (the delta compiles what it installs).
+    r = run(tag_of(image["summary"]), "python", "-c",
+            "import six, importlib.util as u, os; print(os.path.exists(u.cache_from_source(six.__file__)))")
+    assert r.stdout.strip() == "True", r.stdout + r.stderr
 
 
 def test_image_equals_a_from_scratch_build_and_holds_nothing_of_the_cache(project, engine, run_id):
@@ -242,20 +258,67 @@ def test_image_equals_a_from_scratch_build_and_holds_nothing_of_the_cache(projec
     assert abs(size_a - size_b) < 0.02 * size_b, (size_a, size_b)
 
 
+def test_removing_and_downgrading_in_the_delta_equals_a_from_scratch_build(project, engine,
+                                                                          run_id):
+    """The delta uninstalls what the base has that the lock no longer wants: a package
+    removed, and one at another version (the base's copy is hidden, the lock's shown)."""
+    spec = project.root / "envs/requirements.txt"
+    spec.write_text("idna==3.6\ncertifi\nsix\n")  # pyparsing gone, idna older
+    image, progress = project.build()
+    assert env_steps(progress) == ["delta"], progress
+    ctx = project.context
+    assert (ctx / "env/delta.remove.txt").read_text().split() == ["idna", "pyparsing"]
+    assert re.findall(r"^(\S+)==", (ctx / "env/delta.lock.txt").read_text(), re.M) == \
+        ["idna", "six"]
+    scratch = f"mlbuild-it/bk-scratch2:{run_id}"
+    engine.build(ctx, scratch, labels={TEST_LABEL: run_id}, builder="classic",
+                 dockerfile="Dockerfile", nocache=True)
+    a, b = content(project.tag), content(scratch)
+    assert a["dists"] == b["dists"]
+    assert ["idna", "3.6"] in a["dists"] and "pyparsing" not in {n for n, _ in a["dists"]}
+    assert a["files"] == b["files"]
+    r = run(project.tag, "python", "-c", "import idna; print(idna.__version__)")
+    assert r.stdout.strip() == "3.6", r.stdout + r.stderr
+    assert run(project.tag, "python", "-c", "import pyparsing").returncode != 0
+
+
+def test_putting_the_lock_back_uses_the_base_layer_alone(project):
+    spec = project.root / "envs/requirements.txt"
+    # The lock the base layer was made from (idna pinned: the lock step keeps 3.6,
+    # the version the lock has, for an unpinned idna).
+    base = (project.context / "env/base.lock.txt").read_text()
+    idna = re.search(r"^idna==(\S+)", base, re.M).group(1)
+    spec.write_text(SPEC.replace("idna\n", f"idna=={idna}\n"))
+    image, progress = project.build()
+    assert env_steps(progress) == [], progress  # every environment step cached
+    assert not (project.context / "env/delta.lock.txt").exists()
+    spec.write_text(SPEC + "six\n")  # as the next tests expect it
+    image, progress = project.build()
+    assert env_steps(progress) == ["delta"], progress
+    assert sum(prepared(project.build_log())) == 0  # six from the cache now
+
+
 def test_tampered_hash_stops_the_build_even_with_the_package_cached(project, engine, run_id,
                                                                     tmp_path):
     from mlbuild.errors import StepFailed
 
     ctx = tmp_path / "ctx"
     shutil.copytree(project.context, ctx)
-    lock = ctx / "env/requirements.lock.txt"
-    text = lock.read_text()
-    entry = re.search(r"^six==\S+ \\\n(?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+", text, re.M)
-    assert entry, text
-    bad = re.sub(r"sha256:([0-9a-f]{63})[0-9a-f]",
-                 lambda m: f"sha256:{m.group(1)}{'0' if m.group(0)[-1] != '0' else '1'}",
-                 entry.group(0))
-    lock.write_text(text.replace(entry.group(0), bad))
+    # six is in the full lock and in the delta layer's (the one BuildKit installs it from).
+    tampered = 0
+    for name in ("requirements.lock.txt", "base.lock.txt", "delta.lock.txt"):
+        lock = ctx / "env" / name
+        text = lock.read_text()
+        entry = re.search(r"^six==\S+ \\\n(?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+", text,
+                          re.M)
+        if entry is None:
+            continue
+        bad = re.sub(r"sha256:([0-9a-f]{63})[0-9a-f]",
+                     lambda m: f"sha256:{m.group(1)}{'0' if m.group(0)[-1] != '0' else '1'}",
+                     entry.group(0))
+        lock.write_text(text.replace(entry.group(0), bad))
+        tampered += 1
+    assert tampered == 2
     with pytest.raises(StepFailed) as ei:
         engine.build(ctx, f"mlbuild-it/bk-tampered:{run_id}", labels={TEST_LABEL: run_id},
                      builder="buildkit", dockerfile="Dockerfile.buildkit")

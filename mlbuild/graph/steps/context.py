@@ -10,6 +10,9 @@ The context (``.mlbuild/contexts/<service>/``) holds only what the image needs::
     env/installer/mlbuild/...   the installer the image's builder stage runs on it
     env/runtime-requirements.txt  the serving runtime's requirements
     env/slim.py                 makes the installed environment smaller (mlbuild/slim.py)
+    env/base.lock.txt, base.key   a pip environment's layers (mlbuild/envlayers.py):
+    env/delta.lock.txt,           the lock of the environment's base layer, and what
+      delta.remove.txt            the layer above it adds and removes (when anything)
     imports.txt                 what the service imports at start, compiled in the image
                                 (mlbuild/startup_imports.py, mlbuild/runtime/warm.py)
     wheels/, conda-pkgs/        offline only: every locked file
@@ -49,6 +52,9 @@ DOCKERFILE_BUILDKIT = "Dockerfile.buildkit"
 # The installer of every image's Python packages, pinned: its version is part of the
 # Dockerfile, so of the image's fingerprint. Offline, its wheel is among the wheels.
 UV_REQUIREMENT = "uv==0.13.9"
+# How the environment's layers are made (envlayers.py); part of the base layer's key, so
+# raise it when the base layer's RUN changes in a way that makes old bases unusable.
+ENV_LAYOUT = 1
 
 
 @lru_cache(maxsize=1)
@@ -114,7 +120,7 @@ def check_not_state(ctx: BuildContext, field: str, rel: str) -> None:
 
 class ContextStep(Step):
     kind = "context"
-    version = 6
+    version = 7
     templates = ("Dockerfile.j2",)
 
     def _service(self, ctx):
@@ -207,7 +213,8 @@ class ContextStep(Step):
                 # is keyed by what is installed alone, so a spec edit that resolves to
                 # the same packages rebuilds nothing, even when other files change.
                 env_file = "env/requirements.lock.txt"
-                put_text(env_file, packages_of(lock.read_text()))
+                lock_text = packages_of(lock.read_text())
+                put_text(env_file, lock_text)
 
             # Offline: every wheel, linked from the content-addressed cache.
             wheels = upstream.get(f"wheels:{env.name}")
@@ -298,6 +305,26 @@ class ContextStep(Step):
             else:
                 base_image = DEFAULT_BASE_IMAGE
 
+            # A pip environment's layers (mlbuild/envlayers.py): the base as the previous
+            # context had it, and a delta of what the lock changed since.
+            layers = None
+            if env.kind != "conda":
+                from mlbuild import envlayers
+
+                key = envlayers.base_key(
+                    runtime=listing[runtime_reqs], slim=listing["env/slim.py"],
+                    uv=UV_REQUIREMENT, base_image=base_image, layout=ENV_LAYOUT)
+                old_base = _read_text(target / "env/base.lock.txt")
+                layers = envlayers.split(lock_text, key, old_base,
+                                         _read_text(target / "env/base.key"),
+                                         offline=wheels is not None)
+                put_text("env/base.lock.txt", layers.base)
+                put_text("env/base.key", key)
+                if layers.delta:
+                    put_text("env/delta.lock.txt", layers.delta)
+                if layers.remove:
+                    put_text("env/delta.remove.txt", "".join(f"{n}\n" for n in layers.remove))
+
             values = dict(
                 mlbuild_version=mlbuild.__version__,
                 project=project.name,
@@ -313,6 +340,9 @@ class ContextStep(Step):
                 uv_cache_id=uv_cache_id(base_image),
                 conda_cache_id=CONDA_CACHE_ID,
                 offline=wheels is not None,
+                env_delta=layers is not None and layers.has_delta,
+                env_remove=bool(layers and layers.remove),
+                env_delta_install=bool(layers and layers.delta),
                 runtime_requirements=runtime_reqs,
                 runtime_root=RUNTIME_ROOT,
                 models=models,
@@ -369,6 +399,13 @@ class ContextStep(Step):
 
     def summary(self, outputs: dict) -> str:
         return f"{len(outputs['files'])} files in {outputs['dir']}"
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def context_of(upstream: dict) -> dict:
