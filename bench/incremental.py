@@ -8,7 +8,10 @@ running container). Issue "docker, speed and size": no-op <= 0.3 s; edit-code re
 image <= 0.7x the naive image; what mlbuild adds beyond the environment's own packages
 <= 20 MB. Issue 18 ("environment layers that rebuild in seconds"): cold build <= 0.5x
 the naive Dockerfile's; adding one package to the environment <= 0.2x mlbuild's own
-cold build.
+cold build, printed twice: for the whole deploy, and for the build steps alone (lock,
+model, context, image: the container step's start, health check and swap, ~1 s in
+either, left out). The environment is two layers (mlbuild/envlayers.py): adding a
+package runs the delta layer alone ("environment delta layer ran, base reused").
 
 Measured in one run, on the same copy of examples/diabetes (its Ridge trained here) and
 the same base image (the engine's `python:3.11-slim`):
@@ -193,6 +196,18 @@ class Deploy:
             return None
         return any(is_env_step(s) for s in self.docker_steps)
 
+    @property
+    def base_rebuilt(self) -> bool:
+        """Whether the environment's base layer ran (not just the delta above it, the
+        lock's changes since: mlbuild/envlayers.py)."""
+        return any(is_env_step(s) and not is_delta_step(s) for s in self.docker_steps)
+
+    @property
+    def build_s(self) -> float:
+        """The time of the steps that build (lock, model, context, image): the deploy
+        without the container step's start, health check and swap."""
+        return sum(v for k, v in self.step_s.items() if not k.startswith("container:"))
+
     @classmethod
     def parse(cls, seconds: float, out: str) -> Deploy:
         d = cls(seconds)
@@ -229,7 +244,9 @@ class Deploy:
             s += (f"; Dockerfile steps {self.docker_run} run / {self.docker_cached} cached"
                   f" ({self.builder or '?'})")
         if self.env_rebuilt is not None:
-            s += "; environment step RAN" if self.env_rebuilt else "; environment step reused"
+            s += ("; environment step RAN" if self.base_rebuilt
+                  else "; environment delta layer ran, base reused" if self.env_rebuilt
+                  else "; environment step reused")
         if self.prepared is not None:
             s += f", uv prepared {self.prepared} packages"
         times = " ".join(f"{k.split(':')[0]} {v:.2f}" for k, v in self.step_s.items())
@@ -252,6 +269,11 @@ def is_env_layer(created_by: str) -> bool:
     return "pip install" in created_by or bool(
         re.search(r"COPY (dir:\S+ in |/opt/mlbuild-root/ |/opt/conda )(/|/opt/conda) *"
                   r"(# buildkit)?\s*$", created_by))
+
+
+def is_delta_step(instruction: str) -> bool:
+    """Whether a Dockerfile step is the environment's delta layer (mlbuild/envlayers.py)."""
+    return instruction.startswith("RUN --mount=type=bind,source=env,target=/srv")
 
 
 def is_env_step(instruction: str) -> bool:
@@ -567,6 +589,9 @@ def report(args, ml_cold: Deploy, naive_cold: float, ref_cold: float, ml_noop, m
           "edit code": med([d.seconds for d in code_ml]),
           "edit model": med([d.seconds for d in model_ml]),
           "add package": med([d.seconds for d in pkg_ml])}
+    # The build alone (lock, model, context, image: the deploy but its container step).
+    ml_build = {"cold": ml_cold.build_s, "edit code": med([d.build_s for d in code_ml]),
+                "add package": med([d.build_s for d in pkg_ml])}
     nv = {"cold": naive_cold, "no-op": med(naive_noop),
           "edit code": med(code_naive), "edit model": med(model_naive),
           "add package": med(pkg_naive)}
@@ -587,6 +612,10 @@ def report(args, ml_cold: Deploy, naive_cold: float, ref_cold: float, ml_noop, m
           + " | ".join(secs(ml[c]) for c in cols) + f" | {sizes['mlbuild'] / MB:.0f} MB |")
     print("| mlbuild / naive | " + " | ".join(f"{ml[c] / nv[c]:.2f}x" for c in cols)
           + f" | {sizes['mlbuild'] / sizes['naive']:.2f}x |")
+    print(f"\nmlbuild's build steps alone (lock, model, context, image; no container step): "
+          f"cold {ml_build['cold']:.2f} s, edit code {ml_build['edit code']:.2f} s "
+          f"({ml_build['edit code'] / ml_build['cold']:.2f}x), add package "
+          f"{ml_build['add package']:.2f} s ({ml_build['add package'] / ml_build['cold']:.2f}x)")
 
     env_pkgs = sizes["ref"] - sizes["base"]
     additions = sizes["mlbuild"] - sizes["ref"]
@@ -629,8 +658,11 @@ def report(args, ml_cold: Deploy, naive_cold: float, ref_cold: float, ml_noop, m
          reused == len(model_ml)),
         ("cold <= 0.5x naive cold", f"{ml['cold'] / nv['cold']:.2f}x",
          ml["cold"] <= 0.5 * nv["cold"]),
-        ("add package <= 0.2x own cold", f"{ml['add package'] / ml['cold']:.2f}x",
+        ("add package <= 0.2x own cold (deploy)", f"{ml['add package'] / ml['cold']:.2f}x",
          ml["add package"] <= 0.2 * ml["cold"]),
+        ("add package <= 0.2x own cold (build steps)",
+         f"{ml_build['add package'] / ml_build['cold']:.2f}x",
+         ml_build["add package"] <= 0.2 * ml_build["cold"]),
         ("image <= 0.7x naive", f"{sizes['mlbuild'] / sizes['naive']:.2f}x",
          sizes["mlbuild"] <= 0.7 * sizes["naive"]),
         ("additions <= 20 MB", f"{additions / MB:.1f} MB", additions <= 20 * MB),
