@@ -294,6 +294,7 @@ class DockerEngine:
         self.address = address
         self._errors = _sdk().errors
         self._buildkit: bool | None = None
+        self._cleanups: list = []  # threads started by builds (finish() waits for them)
 
     def __repr__(self) -> str:
         return f"DockerEngine({self.address!r})"
@@ -475,7 +476,7 @@ class DockerEngine:
             finally:
                 body.close()
                 if builder == "buildkit":
-                    self._drop_build_context(reader.started, log)
+                    self._drop_build_context_later(reader.started, log.path)
             if reader.error is not None and builder == "buildkit" and _NO_BUILDKIT.search(reader.error):
                 self._buildkit = False
                 raise BuildkitUnavailable(f"the engine at {self.address} does not build with "
@@ -526,7 +527,27 @@ class DockerEngine:
         self.api._raise_for_status(response)
         return self.api._stream_helper(response, decode=True)
 
-    def _drop_build_context(self, started: float | None, log: _BuildLog) -> None:
+    def _drop_build_context_later(self, started: float | None, log_path: Path | None) -> None:
+        """:meth:`_drop_build_context` in a thread of its own: listing the build cache
+        takes the engine 0.2-0.6 s, which a deploy spends starting the container instead.
+        :meth:`finish` (the end of a run) and the interpreter's exit (a thread that is not
+        a daemon) wait for it. (The SDK's connection pool is shared; urllib3's pools are
+        thread-safe.)"""
+        import threading
+
+        def drop() -> None:
+            self._drop_build_context(started, _AppendLog(log_path))
+
+        t = threading.Thread(target=drop, name="mlbuild-drop-build-context")
+        t.start()
+        self._cleanups.append(t)
+
+    def finish(self, timeout: float = 60) -> None:
+        """Wait for the clean-ups started by builds (:meth:`_drop_build_context_later`)."""
+        while self._cleanups:
+            self._cleanups.pop().join(timeout)
+
+    def _drop_build_context(self, started: float | None, log) -> None:
         """Remove from the engine's build cache what a BuildKit build through the API
         leaves there for nothing: its context, once as uploaded (a record "http url
         http://build-context-ID", ID random, so never asked for again) and once unpacked
@@ -540,10 +561,11 @@ class DockerEngine:
         since this build's first step started (the engine's clock). A failure here is
         written to the build log and otherwise ignored.
         """
+        api = self.api
         try:
             with self._engine_errors():
-                resp = self.api._get(self.api._url("/system/df"), params={"type": "build-cache"})
-                records = self.api._result(resp, True).get("BuildCache") or []
+                resp = api._get(api._url("/system/df"), params={"type": "build-cache"})
+                records = api._result(resp, True).get("BuildCache") or []
                 for r in records:
                     desc, created = r.get("Description") or "", _parse_time(r.get("CreatedAt"))
                     if r.get("InUse"):
@@ -552,7 +574,7 @@ class DockerEngine:
                     unpacked = (desc == "fileop target" and not r.get("Parent") and started
                                 and created is not None and created.timestamp() >= started - 1)
                     if upload or unpacked:
-                        self.api.prune_builds(filters={"id": [r["ID"]]})
+                        api.prune_builds(filters={"id": [r["ID"]]})
         except Exception as e:  # noqa: BLE001  clean-up only: the build itself is done
             log.write(f"(the build context left in the engine's build cache was not removed: {e})\n")
 
@@ -1032,6 +1054,18 @@ class _StreamError(Exception):
 
 # --------------------------------------------------------------------------------------
 # build output
+
+
+class _AppendLog:
+    """Appends to a build log once the build is over (opened for each line)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, text: str) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text)
 
 
 class _BuildLog:

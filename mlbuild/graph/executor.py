@@ -273,4 +273,7 @@ def execute(ctx: BuildContext, specs: list[StepSpec], *, dry_run: bool = False,
             emit("end", outcome)
     finally:
         ctx.digests.flush()
+        finish = getattr(ctx.options.get("_docker"), "finish", None)
+        if finish is not None:  # the clean-ups its builds left running (docker.py)
+            finish()
     return outcomes
