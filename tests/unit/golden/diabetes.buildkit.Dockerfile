@@ -32,7 +32,9 @@ RUN (getent group mlbuild || groupadd --system --gid 10001 mlbuild) \
 # has there), from env/ mounted for this step alone.
 RUN --mount=type=cache,id=mlbuild-uv-python:3.11-slim,target=/opt/mlbuild-build/uv-cache \
     --mount=type=bind,from=uv,source=/opt/mlbuild-uv,target=/opt/mlbuild-build/uv \
-    --mount=type=bind,source=env,target=/opt/mlbuild-build/env \
+    --mount=type=bind,source=env/base.lock.txt,target=/opt/mlbuild-build/env/requirements.lock.txt \
+    --mount=type=bind,source=env/runtime-requirements.txt,target=/opt/mlbuild-build/env/runtime-requirements.txt \
+    --mount=type=bind,source=env/slim.py,target=/opt/mlbuild-build/env/slim.py \
     echo 'uv cache: mlbuild-uv-python:3.11-slim' \
  && export UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1 UV_LINK_MODE=copy UV_CACHE_DIR=/opt/mlbuild-build/uv-cache \
  && if [ -n "${PIP_INDEX_URL:-}" ]; then export UV_DEFAULT_INDEX="$PIP_INDEX_URL"; fi \
@@ -43,7 +45,7 @@ RUN --mount=type=cache,id=mlbuild-uv-python:3.11-slim,target=/opt/mlbuild-build/
  && $install --require-hashes --no-deps --requirement /opt/mlbuild-build/env/requirements.lock.txt \
  && $install --requirement /opt/mlbuild-build/env/runtime-requirements.txt \
  && rm -f "/opt/mlbuild-root$site/.lock" \
- && if [ -d "/opt/mlbuild-root$site/bin" ]; then mkdir -p "$(dirname "/opt/mlbuild-root$scripts")" && mv "/opt/mlbuild-root$site/bin" "/opt/mlbuild-root$scripts"; fi \
+ && python /opt/mlbuild-build/env/slim.py --move-scripts /opt/mlbuild-root "$site" "$scripts" \
  && python /opt/mlbuild-build/env/slim.py /opt/mlbuild-root \
  && for dir in "$site" "$scripts"; do \
       [ -d "/opt/mlbuild-root$dir" ] || continue; \

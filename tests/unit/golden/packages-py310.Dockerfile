@@ -22,7 +22,7 @@ RUN export UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1 UV_LINK_MODE=copy UV_NO_C
  && $install --require-hashes --no-deps --requirement /opt/mlbuild-env/requirements.lock.txt \
  && $install --requirement /opt/mlbuild-env/runtime-requirements.txt \
  && rm -f "/opt/mlbuild-root$site/.lock" \
- && if [ -d "/opt/mlbuild-root$site/bin" ]; then mkdir -p "$(dirname "/opt/mlbuild-root$scripts")" && mv "/opt/mlbuild-root$site/bin" "/opt/mlbuild-root$scripts"; fi \
+ && python /opt/mlbuild-env/slim.py --move-scripts /opt/mlbuild-root "$site" "$scripts" \
  && python /opt/mlbuild-env/slim.py /opt/mlbuild-root
 
 FROM python:3.10-slim
