@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from mlbuild.errors import InvalidInput, MlbuildError
 from mlbuild.state.db import STATE_DIR, SchemaCache, StateDB
+from mlbuild.traffic import Traffic
 
 
 def _say(msg: str) -> None:
@@ -526,9 +527,14 @@ class ServiceStatus:
     since: float | None = None
     detail: str = ""
     last_lines: tuple[str, ...] = ()  # of its log, when it Failed
+    # Its last minute of /score (mlbuild/traffic.py), when it runs and its /metrics answers.
+    traffic: Traffic | None = None
+    # Where its collected model data goes (collect_model_data), as its deploy recorded it.
+    model_data: str | None = None
 
     def to_json(self) -> dict:
-        return dict(self.__dict__, last_lines=list(self.last_lines))
+        return dict(self.__dict__, last_lines=list(self.last_lines),
+                    traffic=self.traffic.to_json() if self.traffic is not None else None)
 
 
 def status(directory=".", file=None, target: str | None = None) -> list[ServiceStatus]:
@@ -605,9 +611,16 @@ def _observe(root: Path, target: str, name: str, ttype: str, dep: dict,
         detail += f"; {note}"
     if state == proc.FAILED and not last:  # why it failed is usually in its last words
         last = _last_lines(root, target, name, ttype, dep)
+    seen = None  # the last minute, from the service's /metrics (process and docker:
+    # their URL is the runtime's own port; a kubernetes URL is a Service's or an Ingress's)
+    if ttype != "kubernetes" and dep["url"] and state in (proc.HEALTHY, proc.UNHEALTHY):
+        from mlbuild import traffic
+
+        seen = traffic.read(dep["url"])
     return ServiceStatus(target, name, state, ttype, dep["url"] or None, dep.get("image"),
                          dep.get("pid"), dep["fingerprint"].split(":")[-1][:12],
-                         dep["started_at"], detail.lstrip("; "), tuple(last))
+                         dep["started_at"], detail.lstrip("; "), tuple(last), seen,
+                         model_data=dep.get("model_data"))
 
 
 def _last_lines(root: Path, target: str, name: str, ttype: str, dep: dict,
@@ -911,8 +924,15 @@ def prepare_serve(service: str, directory=".", file=None, host: str = "127.0.0.1
             str(p.path(svc.entry_script).parent) if svc.entry_script else str(p.root)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MLBUILD_", "AZUREML_", "AML_"))}
-        env.update({k: map_image_path(v, {MODEL_ROOT: ctx_dir / "models"})
+        # Collected model data (collect_model_data) goes to .mlbuild/model-data/serve/.
+        from mlbuild.manifest.model import MODEL_DATA_IN_IMAGE
+
+        env.update({k: map_image_path(v, {MODEL_ROOT: ctx_dir / "models",
+                                          MODEL_DATA_IN_IMAGE: s.db.state_dir / "model-data"
+                                          / "serve"})
                     for k, v in context["env"].items()})
+        if env.get("MLBUILD_MODEL_DATA_DIR", "-") != "-":
+            os.makedirs(env["MLBUILD_MODEL_DATA_DIR"], exist_ok=True)
         env["AML_APP_ROOT"] = app_root
         env["MLBUILD_AUTH"] = "none"
         env["MLBUILD_SHOW_ERRORS"] = "1"  # the development server: run()'s error text in a 500
@@ -1097,10 +1117,16 @@ def _process_runner(p, svc, got: dict, context: dict, runtime_env: dict, state_d
     ctx_dir = p.root / context["dir"]
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLBUILD_", "AZUREML_", "AML_", "PYTHON"))}
+    from mlbuild.manifest.model import MODEL_DATA_IN_IMAGE
+
     roots = {MODEL_ROOT: ctx_dir / "models", APP_ROOT: ctx_dir / "app",
-             "/var/mlbuild/samples": ctx_dir / "samples"}
+             "/var/mlbuild/samples": ctx_dir / "samples",
+             # collect_model_data: the profile's records apart from any target's
+             MODEL_DATA_IN_IMAGE: state_dir / "model-data" / "profile"}
     env.update({k: map_image_path(v, roots) for k, v in context["env"].items()})
-    env.update(runtime_env)
+    env.update({k: map_image_path(v, roots) for k, v in runtime_env.items()})
+    if env.get("MLBUILD_MODEL_DATA_DIR", "-") != "-":
+        os.makedirs(env["MLBUILD_MODEL_DATA_DIR"], exist_ok=True)
     env.update(PYTHONPATH=str(ctx_dir / "runtime"), PYTHONUNBUFFERED="1",
                PYTHONDONTWRITEBYTECODE="1")
     log = state_dir / "logs" / "profile" / f"{svc.name}.log"

@@ -369,7 +369,11 @@ def status(o: Obj, target):
 
     States: Healthy, Transitioning (init() running), Unhealthy (running, failing its
     health check), Failed (exited or crash-looping; with its exit status and the last
-    lines of its log), - (not deployed)."""
+    lines of its log), - (not deployed). A running process or docker service also shows
+    its last minute of /score from its /metrics: requests, errors (5xx) and the 99th
+    percentile of their time (with --json: "traffic", {"window_seconds", "requests",
+    "errors", "client_errors", "p99_ms"}, or null). A service that collects model data
+    says where the records go (--json: "model_data", else null)."""
     from mlbuild import api
 
     rows = api.status(target=target, **o.where)
@@ -378,12 +382,16 @@ def status(o: Obj, target):
     if not rows:
         click.echo("no process or docker targets")
         return
-    table = [("TARGET", "SERVICE", "STATE", "URL", "PID/IMAGE", "FINGERPRINT", "SINCE", "DETAIL")]
+    table = [("TARGET", "SERVICE", "STATE", "URL", "PID/IMAGE", "FINGERPRINT", "SINCE",
+              "LAST MINUTE (/score)", "DETAIL")]
     table += [(r.target, r.service, r.state, r.url or "-", str(r.pid or r.image or "-"),
-               r.fingerprint or "-", _ago(r.since), r.detail) for r in rows]
+               r.fingerprint or "-", _ago(r.since),
+               r.traffic.summary() if r.traffic is not None else "-", r.detail) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row, r in zip(table, [None, *rows]):
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        if r is not None and r.model_data:  # collect_model_data (--json: "model_data")
+            click.echo(f"    model data: {r.model_data}")
         if r is not None and r.last_lines:
             click.echo(f"    last lines of its log (mlbuild logs {r.service} -t {r.target}):")
             for line in r.last_lines:

@@ -721,6 +721,7 @@ class DockerEngine:
         memory: int | str | None = None,
         restart: str = "no",
         mounts: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
         command: list[str] | None = None,
         host_ip: str = "127.0.0.1",
         network_mode: str | None = None,
@@ -741,6 +742,9 @@ class DockerEngine:
             restart: ``no``, ``always``, ``unless-stopped``, ``on-failure`` or
                 ``on-failure:N``.
             mounts: host path to container path, mounted read-only.
+            volumes: a volume's name (created by the engine when missing, starting as a
+                copy of what the image holds at the container path, owner included) or
+                a host path (absolute) to container path, mounted read-write.
             command: overrides the image's ``CMD``.
             host_ip: address published ports bind to when given as a bare number.
             network_mode: ``host`` to share the engine host's network (no ``ports``).
@@ -774,8 +778,10 @@ class DockerEngine:
             kwargs["nano_cpus"] = round(float(cpus) * 1e9)
         if memory is not None:
             kwargs["mem_limit"] = memory
-        if mounts:
-            kwargs["volumes"] = {host: {"bind": ctr, "mode": "ro"} for host, ctr in mounts.items()}
+        if mounts or volumes:
+            kwargs["volumes"] = {
+                **{host: {"bind": ctr, "mode": "ro"} for host, ctr in (mounts or {}).items()},
+                **{src: {"bind": ctr, "mode": "rw"} for src, ctr in (volumes or {}).items()}}
         if command is not None:
             kwargs["command"] = list(command)
         if network_mode is not None:

@@ -52,6 +52,17 @@ Choices the settings leave open, and why:
   limit (``max_body_mb``, else the runtime's 10 MiB): ingress-nginx refuses bodies over
   1 MiB by default, which would cut the service's own limit short. Other controllers
   ignore the annotation.
+- ``workers: auto`` counts the CPUs of the container's CPU limit (``cpu_limit``; the
+  runtime reads its cgroup quota). Without a limit it would count the node's CPUs, so
+  then ``MLBUILD_WORKERS`` comes from the container's CPU request through the downward
+  API (``requests.cpu``, divisor 1: rounded up, at least 1).
+- ``collect_model_data``: stdout by default (``MLBUILD_MODEL_DATA_DIR=-``), where the
+  cluster's log collector picks the records up: the root file system is read-only and
+  an emptyDir dies with its pod. ``to: folder`` gets that emptyDir at the image's folder
+  (``/var/mlbuild/model-data``), for a sidecar that ships it (or a volume patched in).
+- ``tracing``: ``MLBUILD_TRACING=1``; the exporter's ``OTEL_*`` variables are the
+  cluster's to give (a kustomize patch of ``out``, or ``kubectl set env``, whose entries
+  server-side apply leaves alone).
 - Quantities: CPU in millicores unless whole (``100m``, ``2``), memory in MiB (``512Mi``),
   as the docker target counts it.
 """
@@ -68,6 +79,7 @@ import yaml
 
 from mlbuild.kube.settings import CONTAINER_PORT, GRACEFUL_STOP_S, HEALTH_PORT, KubeSettings
 from mlbuild.render import render
+from mlbuild.manifest.model import MODEL_DATA_IN_IMAGE, MODEL_DATA_STDOUT
 from mlbuild.runtime.config import DEFAULT_MAX_BODY_BYTES
 
 # The oldest and the newest Kubernetes version every rendered object is validated
@@ -118,6 +130,9 @@ class ServiceInput:
     cors: tuple[str, ...] = ()
     resources: object | None = None
     max_body_bytes: int | None = None
+    workers: int | str | None = None
+    model_data: str | None = None
+    tracing: bool = False
 
 
 def object_name(project: str, service: str) -> str:
@@ -196,9 +211,16 @@ def body_size(max_body_bytes: int | None) -> str:
 def _documents(project: str, service: str, image: str, fingerprint: str,
                settings: KubeSettings, *, auth: str = "none", auth_secret: str | None = None,
                cors: tuple[str, ...] = (), resources=None,
-               max_body_bytes: int | None = None) -> list[tuple[str, str]]:
+               max_body_bytes: int | None = None, workers: int | str | None = None,
+               model_data: str | None = None,
+               tracing: bool = False) -> list[tuple[str, str]]:
     """(kind suffix, YAML text) of each object of a service, in apply order."""
     _check(project, service, image, auth, auth_secret)
+    if workers is not None and workers != "auto" and not (
+            isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers {workers!r}: expected a number of 1 or more, or auto")
+    if model_data not in (None, "folder", "stdout"):
+        raise ValueError(f"model_data {model_data!r}: expected folder or stdout")
     if auth == "key" and auth_secret is None:
         auth_secret = secret_name(project, service)
     requests, limits = _resources(settings, resources)
@@ -230,6 +252,12 @@ def _documents(project: str, service: str, image: str, fingerprint: str,
         cors=tuple(cors),
         max_body_bytes=max_body_bytes,
         ingress_body_size=body_size(max_body_bytes),
+        workers=workers,
+        # auto without a CPU limit: the request, through the downward API (see above).
+        workers_from_request=workers == "auto" and "cpu" not in limits,
+        model_data=model_data,
+        model_data_dir=MODEL_DATA_STDOUT if model_data == "stdout" else MODEL_DATA_IN_IMAGE,
+        tracing=tracing,
         auth_secret=auth_secret,
         keys_dir=KEYS_DIR,
         keys_file=KEYS_FILE,
@@ -279,7 +307,9 @@ def kustomization(project: str, files: list[str]) -> str:
 def render_service(project: str, service: str, image: str, fingerprint: str,
                    settings: KubeSettings, *, auth: str = "none",
                    auth_secret: str | None = None, cors: tuple[str, ...] = (),
-                   resources=None, max_body_bytes: int | None = None) -> list[dict]:
+                   resources=None, max_body_bytes: int | None = None,
+                   workers: int | str | None = None, model_data: str | None = None,
+                   tracing: bool = False) -> list[dict]:
     """The Kubernetes objects of one service, in apply order.
 
     Args:
@@ -297,18 +327,25 @@ def render_service(project: str, service: str, image: str, fingerprint: str,
             :func:`mlbuild.manifest.model.resources_hint`), or None.
         max_body_bytes: the service's body limit (``max_body_mb``), or None for the
             runtime's default.
+        workers: the service's worker processes, a number or ``auto``; None for the
+            image's setting.
+        model_data: where collected model data goes on kubernetes (``folder`` or
+            ``stdout``, see the module docstring); None when the service collects none.
+        tracing: the service traces (``MLBUILD_TRACING=1``).
 
     Returns:
         The objects as dicts, parsed from the rendered YAML (the Secret is not among
         them: see :func:`secret_object`).
 
     Raises:
-        ValueError: a name is not a DNS label, the image is not pinned by digest, or
-            ``auth`` is not none/key.
+        ValueError: a name is not a DNS label, the image is not pinned by digest,
+            ``auth`` is not none/key, ``workers`` not a number or auto, or
+            ``model_data`` not folder/stdout.
     """
     docs = _documents(project, service, image, fingerprint, settings, auth=auth,
                       auth_secret=auth_secret, cors=cors, resources=resources,
-                      max_body_bytes=max_body_bytes)
+                      max_body_bytes=max_body_bytes, workers=workers,
+                      model_data=model_data, tracing=tracing)
     return [yaml.load(text, Loader=_Loader) for _, text in docs]
 
 
@@ -328,7 +365,8 @@ def render_target(project: str, services: Iterable[ServiceInput],
         for kind, text in _documents(project, s.name, s.image, s.fingerprint, settings,
                                      auth=s.auth, auth_secret=s.auth_secret, cors=s.cors,
                                      resources=s.resources,
-                                     max_body_bytes=s.max_body_bytes):
+                                     max_body_bytes=s.max_body_bytes, workers=s.workers,
+                                     model_data=s.model_data, tracing=s.tracing):
             file = f"{s.name}-{kind}.yaml"
             if file in files:
                 raise ValueError(f"service {s.name!r} is given twice")

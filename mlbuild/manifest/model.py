@@ -31,6 +31,11 @@ TARGET_TYPES = ("process", "docker", "kubernetes", "package")
 NO_CODE_FRAMEWORKS = ("scikit-learn", "onnx")
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 MIB = 1024 * 1024  # services.NAME.max_body_mb counts these, as the runtime's "10 MB" does
+MAX_WORKERS = 64  # services.NAME.workers: more is a typo, or a job for auto
+# Where an image's runtime writes collected model data (services.NAME.collect_model_data):
+# made by the image's user; the docker target mounts a volume there.
+MODEL_DATA_IN_IMAGE = "/var/mlbuild/model-data"
+MODEL_DATA_STDOUT = "-"  # MLBUILD_MODEL_DATA_DIR: the records go to stdout
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,42 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class ModelDataCollection:
+    """``services.NAME.collect_model_data`` when on: where the runtime's model data
+    collector writes its JSON lines (``MLBUILD_COLLECT_MODEL_DATA``,
+    ``MLBUILD_MODEL_DATA_DIR``).
+
+    Attributes:
+        to: ``folder``, ``stdout``, or None (``true``): each target's default, a folder
+            everywhere but on kubernetes, where it is stdout (see :meth:`destination`).
+        path: with a folder, one on this machine (manifest-relative, normalised, or
+            absolute) for the process target and the docker target's bind mount; None
+            for the target's default place.
+    """
+
+    to: str | None = None
+    path: str | None = None
+
+    def config(self) -> dict:
+        return {"to": self.to, "path": self.path}
+
+    def destination(self, target_type: str) -> str:
+        """``folder`` or ``stdout`` on a target of ``target_type``."""
+        if self.to is not None:
+            return self.to
+        return "stdout" if target_type == "kubernetes" else "folder"
+
+    def runtime_env(self, target_type: str | None = None) -> dict[str, str]:
+        """The runtime's variables; the folder is the image's (the process target maps
+        it onto its own). ``target_type`` None: what the image declares (a folder
+        unless ``to: stdout``)."""
+        to = (self.to or "folder") if target_type is None else self.destination(target_type)
+        return {"MLBUILD_COLLECT_MODEL_DATA": "1",
+                "MLBUILD_MODEL_DATA_DIR": MODEL_DATA_STDOUT if to == "stdout"
+                else MODEL_DATA_IN_IMAGE}
+
+
+@dataclass(frozen=True)
 class Service:
     """A scoring service: an entry script (or a no-code model) in an environment (a
     no-code service's may be its framework's default one)."""
@@ -188,6 +229,9 @@ class Service:
     cors: tuple[str, ...] = ()
     max_body_mb: float | None = None  # None: the runtime's default (10 MiB)
     batching: Batching | None = None  # None: requests are scored one by one
+    workers: int | str | None = None  # a number or "auto"; None: the runtime's 1
+    collect_model_data: ModelDataCollection | None = None  # None: off
+    tracing: bool = False
     line: int | None = field(default=None, compare=False)
 
     @property
@@ -203,13 +247,27 @@ class Service:
         return max(1, math.ceil(self.max_body_mb * MIB))
 
     def runtime_env(self) -> dict[str, str]:
-        """The runtime's variables for this service's own limits (the ones set): what
-        the image declares, and what the process and kubernetes targets set too."""
+        """The runtime's variables for this service's own settings (the ones set): what
+        the image declares, and what the process and kubernetes targets set too (paths
+        are the image's: the process target maps them, see ``collect_model_data``)."""
         env = {}
         if self.max_body_mb is not None:
             env["MLBUILD_MAX_BODY_BYTES"] = str(self.max_body_bytes)
         if self.batching is not None:
             env.update(self.batching.runtime_env())
+        env.update(self.observability_env())
+        return env
+
+    def observability_env(self, target_type: str | None = None) -> dict[str, str]:
+        """The variables of ``workers``, ``collect_model_data`` and ``tracing`` (the ones
+        set); ``target_type`` None: as the image declares them."""
+        env = {}
+        if self.workers is not None:
+            env["MLBUILD_WORKERS"] = str(self.workers)
+        if self.collect_model_data is not None:
+            env.update(self.collect_model_data.runtime_env(target_type))
+        if self.tracing:
+            env["MLBUILD_TRACING"] = "1"
         return env
 
     def config(self) -> dict:
@@ -226,6 +284,10 @@ class Service:
             # this setting existed do not change.
             **({"max_body_mb": self.max_body_mb} if self.max_body_mb is not None else {}),
             **({"batching": self.batching.config()} if self.batching is not None else {}),
+            **({"workers": self.workers} if self.workers is not None else {}),
+            **({"collect_model_data": self.collect_model_data.config()}
+               if self.collect_model_data is not None else {}),
+            **({"tracing": True} if self.tracing else {}),
         }
 
 

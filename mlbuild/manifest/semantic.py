@@ -18,6 +18,9 @@ problems elsewhere, and collects every problem instead of stopping at the first:
 * a service without an entry script has exactly one no-code model;
 * a service's batching window is shorter than the scoring timeout of each target
   that runs it;
+* a service's ``workers`` times its models' memory (their ``resources``) fits the
+  memory limit of each docker and kubernetes target that runs it; its
+  ``collect_model_data.path`` is no folder the project reads, nor mlbuild's state;
 * a service without an environment is a no-code one: it gets the default environment
   of its model's framework (:mod:`mlbuild.manifest.nocode`), added to the Project.
 """
@@ -39,6 +42,7 @@ from mlbuild.kube.settings import SERVICE_TYPES, Autoscale, Ingress, KubeSetting
 from mlbuild.manifest import nocode
 from mlbuild.manifest.model import (
     EMBEDDED_DEFAULT_TARGET,
+    MAX_WORKERS,
     NO_CODE_FRAMEWORKS,
     TARGET_TYPES,
     Environment,
@@ -46,9 +50,11 @@ from mlbuild.manifest.model import (
     ModelRef,
     Project,
     Batching,
+    ModelDataCollection,
     Resources,
     Service,
     Target,
+    resources_hint,
 )
 from mlbuild.manifest.suggest import did_you_mean
 from mlbuild.manifest.yamlload import dotted, line_of
@@ -234,6 +240,7 @@ class _Builder:
         default = self.default_target(targets)
         self.check_name_lengths(name, services, targets)
         self.check_batching(services, targets)
+        self.check_workers(services, targets, models)
         if name is None:
             return None, self.problems
         project = Project(
@@ -406,9 +413,93 @@ class _Builder:
                 if isinstance(cors, list) else (),
                 max_body_mb=self.number(s.get("max_body_mb"), base + ("max_body_mb",)),
                 batching=self.batching(s.get("batching")),
+                workers=self.workers(s.get("workers")),
+                collect_model_data=self.collect_model_data(
+                    s.get("collect_model_data"), base + ("collect_model_data",), models, s),
+                tracing=s.get("tracing") is True,
                 line=self.line(base),
             )
         return out
+
+    def workers(self, value) -> int | str | None:
+        """``services.NAME.workers``: a whole number or ``auto``; None when absent or
+        out of range (the schema reports that)."""
+        if value == "auto":
+            return value
+        n = self.whole(value) if not isinstance(value, str) else None
+        return n if n is not None and 1 <= n <= MAX_WORKERS else None
+
+    def collect_model_data(self, value, path: tuple, models: dict,
+                           service: dict) -> ModelDataCollection | None:
+        """``services.NAME.collect_model_data``: None when off (false, absent, or of the
+        wrong shape, which the schema reports)."""
+        if value is True:
+            return ModelDataCollection()
+        if not isinstance(value, dict):
+            return None
+        to = value.get("to") if value.get("to") in ("folder", "stdout") else None
+        folder = value.get("path")
+        if not isinstance(folder, str) or not folder:
+            return ModelDataCollection(to=to)
+        if to == "stdout":
+            self.add(path + ("path",), "a path goes with to: folder, not to: stdout: remove "
+                                       "one of them")
+            return None
+        if "\x00" in folder:
+            self.add(path + ("path",), "the path contains a NUL character")
+            return None
+        if posixpath.isabs(folder):
+            return ModelDataCollection(to="folder", path=posixpath.normpath(folder))
+        rel = posixpath.normpath(folder)
+        # What the project reads (a write there would change the next build's inputs),
+        # the project folder itself and mlbuild's state.
+        reads = [(m.path, f"models.{m.name}.path") for m in models.values()]
+        reads += [(p, key) for key in ("entry_script", "source_dir")
+                  if isinstance(p := service.get(key), str) and p]
+        why = None
+        if rel == "." or rel.split("/", 1)[0] in (STATE_FOLDER, ".git"):
+            why = "is the project folder or inside .mlbuild/ or .git/: choose a folder " \
+                  "of its own (left out, the process target writes under .mlbuild/model-data/)"
+        else:
+            for other, what in reads:
+                if _overlap(rel, posixpath.normpath(other)):
+                    why = f"overlaps {other!r} ({what}): the records would become part of " \
+                          "what the project builds; choose a folder of its own"
+                    break
+        if why is not None:
+            self.add(path + ("path",), f"{folder!r} {why}")
+            return None
+        return ModelDataCollection(to="folder", path=rel)
+
+    def check_workers(self, services: dict, targets: dict, models: dict) -> None:
+        """Each worker process loads the service's models: ``workers`` times their memory
+        (``models.NAME.resources.memory_gb``) must fit the memory limit a docker
+        (``memory_gb``) or kubernetes (``memory_gb_limit``) target that runs the service
+        sets; where a target sets none, the limit follows the hint times ``workers``."""
+        for s in services.values():
+            if not isinstance(s.workers, int) or s.workers < 2:
+                continue
+            hint = resources_hint(models[r.name] for r in s.models if r.name in models)
+            need = getattr(hint, "memory_gb", None)
+            if not need:
+                continue
+            for t in targets.values():
+                if t.services is not None and s.name not in t.services:
+                    continue
+                if t.type == "docker":
+                    limit, key = t.memory_gb, "memory_gb"
+                elif t.type == "kubernetes" and t.kube is not None:
+                    # NOTE: without a limit of its own the Deployment's memory is sized
+                    # by the hint times workers (graph/steps/kube.py); docker's too.
+                    limit, key = t.kube.memory_gb_limit, "memory_gb_limit"
+                else:
+                    continue
+                if limit is not None and s.workers * need > limit + 1e-9:
+                    self.add(("services", s.name, "workers"),
+                             f"{s.workers} workers each load the models "
+                             f"({need:g} GB by their resources): {s.workers * need:g} GB, "
+                             f"over the memory limit of target {t.name!r} ({limit:g} GB): "
+                             f"lower workers, or raise targets.{t.name}.{key}")
 
     def batching(self, value) -> Batching | None:
         """``services.NAME.batching``, or None when absent or of the wrong shape (the
@@ -622,7 +713,10 @@ class _Builder:
     def real_rel(self, rel: str) -> str | None:
         """``rel`` with its symlinks resolved, relative to the project (``.`` for the
         project folder itself); None when it resolves outside."""
-        real = os.path.realpath(os.path.join(self.root, rel))
+        try:
+            real = os.path.realpath(os.path.join(self.root, rel))
+        except ValueError:  # a NUL in a name: no such path (the schema says why)
+            return None
         if resolves_outside(self.root_real, real) is not None:
             return None
         return "." if real == self.root_real else \

@@ -39,6 +39,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    """A number of workers, or ``auto``: the CPUs this process may use (its affinity and
+    cgroup CPU quota, see :func:`mlbuild.runtime.config.available_cpus`)."""
+    if text.strip().lower() == "auto":
+        from mlbuild.runtime.config import available_cpus
+
+        return available_cpus()
+    return _positive_int(text)
+
+
 def build_parser(prog: str = "python -m mlbuild.runtime") -> argparse.ArgumentParser:
     """The runtime's argument parser; every default is None so the environment fills in."""
     p = argparse.ArgumentParser(prog=prog,
@@ -57,8 +67,10 @@ def build_parser(prog: str = "python -m mlbuild.runtime") -> argparse.ArgumentPa
                    help="also serve GET /, /healthz/live and /healthz/ready on this port "
                         "[MLBUILD_HEALTH_PORT; SEPERATE_HEALTH_ENDPOINT=true: HEALTH_PORT, "
                         "default 5000]")
-    p.add_argument("--workers", "--worker_count", dest="workers", type=_positive_int,
-                   help="worker processes [MLBUILD_WORKERS, WORKER_COUNT, default 1]")
+    p.add_argument("--workers", "--worker_count", dest="workers", type=_workers,
+                   help="worker processes, or auto: the CPUs this process may use (its "
+                        "affinity and cgroup CPU quota) [MLBUILD_WORKERS, WORKER_COUNT, "
+                        "default 1]")
     p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int,
                    help="larger bodies get 413 [MLBUILD_MAX_BODY_BYTES, default 10 MB]")
     p.add_argument("--cors-origins", "--access_control_allow_origins", dest="cors_origins",

@@ -82,6 +82,103 @@ def _batch_latency_ms(env) -> float:
     return value
 
 
+def _workers(env) -> int | None:
+    """MLBUILD_WORKERS (else azmlinfsrv's WORKER_COUNT): a number, or ``auto`` for
+    :func:`available_cpus`."""
+    for name in ("MLBUILD_WORKERS", "WORKER_COUNT"):
+        value = (env.get(name) or "").strip()
+        if value.lower() == "auto":
+            return available_cpus()
+        if value and (n := _number(env, name, int)):
+            return n
+    return None
+
+
+def available_cpus(root: str = "/", affinity: int | None = None) -> int:
+    """The CPUs this process may use: the smaller of its CPU affinity and its cgroup's
+    CPU quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, the
+    tightest of the process's own cgroup and its ancestors), rounded up, at least 1.
+
+    Rounded up: a container limited to 1.5 CPUs gets 2 workers, which keep its quota
+    busy where one would leave half of it unused (the quota throttles the excess, it
+    does not add memory). ``services.NAME.workers: auto`` on every target.
+
+    Args:
+        root: the file system root ``proc/self/cgroup`` and ``sys/fs/cgroup`` are read
+            under (a test's fake tree).
+        affinity: the number of CPUs of the affinity mask (default: this process's).
+    """
+    if affinity is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not on Linux
+            affinity = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(root)
+    cpus = affinity if quota is None else min(affinity, math.ceil(quota - 1e-9))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: str) -> float | None:
+    """The cgroup CPU quota of this process in CPUs, or None when there is none."""
+    try:
+        with open(os.path.join(root, "proc/self/cgroup"), encoding="ascii") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    mounts = os.path.join(root, "sys/fs/cgroup")
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2 (unified): cpu.max holds "quota period"
+            for folder in _cgroup_folders(mounts, path):
+                found.append(_read_quota(os.path.join(folder, "cpu.max")))
+        elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's folder
+            base = next((os.path.join(mounts, name) for name in
+                         (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu")
+                         if os.path.isdir(os.path.join(mounts, name))), None)
+            if base is None:
+                continue
+            for folder in _cgroup_folders(base, path):
+                found.append(_read_quota(os.path.join(folder, "cpu.cfs_quota_us"),
+                                         os.path.join(folder, "cpu.cfs_period_us")))
+    quotas = [q for q in found if q is not None]
+    return min(quotas) if quotas else None
+
+
+def _cgroup_folders(base: str, path: str):
+    """The folders of a cgroup ``path`` under its mount ``base`` and of its ancestors.
+    Inside a container the mount is the container's own cgroup (its ``path``, the
+    host's name for it, is not below it): then ``base`` alone."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    if not os.path.isdir(os.path.join(base, *parts)):
+        parts = []
+    while True:
+        yield os.path.join(base, *parts)
+        if not parts:
+            return
+        parts.pop()
+
+
+def _read_quota(file: str, period_file: str | None = None) -> float | None:
+    """CPUs allowed by a v2 ``cpu.max`` (``max 100000``, ``150000 100000``), or by a v1
+    quota file and its period file (``-1``: none); None when unlimited or unreadable."""
+    try:
+        with open(file, encoding="ascii") as fh:
+            fields = fh.read().split()
+        if period_file is not None:
+            with open(period_file, encoding="ascii") as fh:
+                fields = fields[:1] + fh.read().split()[:1]
+        if len(fields) < 2 or fields[0] in ("max", "-1"):
+            return None
+        quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
 def _start_hold(env) -> float:
     value = _number(env, "MLBUILD_START_HOLD")
     return DEFAULT_START_HOLD if value is None or value < 0 else value
@@ -241,7 +338,8 @@ class ServerOptions:
         host / port: The main listener (scoring and health).
         health_port: A second listener serving only ``GET /``, ``/healthz/live`` and
             ``/healthz/ready``; None (or the main port itself) for none.
-        workers: Worker processes; 1 serves in this process.
+        workers: Worker processes; 1 serves in this process. ``MLBUILD_WORKERS=auto``:
+            as many as :func:`available_cpus`.
         reuse_port: Replacement support: the main socket gets SO_REUSEPORT and is bound
             and listening only after init() returned (see server.py).
         ready_file: Written (atomically) once init() returned and the main socket
@@ -287,7 +385,7 @@ class ServerOptions:
         health_port = _number(env, "MLBUILD_HEALTH_PORT", int)
         if health_port is None and _bool(env.get("SEPERATE_HEALTH_ENDPOINT"), False):
             health_port = _number(env, "HEALTH_PORT", int) or DEFAULT_HEALTH_PORT
-        workers = _number(env, "MLBUILD_WORKERS", int) or _number(env, "WORKER_COUNT", int)
+        workers = _workers(env)
         graceful = _number(env, "MLBUILD_GRACEFUL_TIMEOUT")
         header_timeout = _number(env, "MLBUILD_HEADER_TIMEOUT")
         max_header = _number(env, "MLBUILD_MAX_HEADER_BYTES", int)

@@ -104,8 +104,11 @@ def test_deploy_and_score(proj, docker_client):
     assert step(out, "push:diabetes")["status"] == "ran"
     st = proj.status()
     assert st["state"] == "Healthy" and st["url"] == proj.url
+    assert st["traffic"]["requests"] == 0  # read from the container's /metrics
     code, body = proj.score()
     assert code == 200 and len(json.loads(body)) == 2
+    seen = proj.status()["traffic"]
+    assert (seen["requests"], seen["errors"]) == (1, 0) and seen["p99_ms"] > 0
     attrs = docker_client.containers.get(_name(proj)).attrs
     assert attrs["Config"]["User"] == "mlbuild"
     assert attrs["HostConfig"]["Memory"] == 1024 * 1024 * 1024

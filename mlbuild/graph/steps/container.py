@@ -26,6 +26,16 @@ a changed service start *beside* the old one on the same port, without a gap:
        is the runtime's "cannot listen": another program holds the port
        (Unschedulable).
 
+Model data (``collect_model_data``, to a folder): the named volume
+``mlbuild-<project>-<service>-model-data`` is mounted at the image's folder for it
+(``/var/mlbuild/model-data``): a new volume starts as a copy of that folder, which is
+the image user's (uid 10001), so the runtime can write to it; the volume outlives the
+container (``docker volume rm`` deletes the records). With ``path``, that folder of this
+machine is bind-mounted there instead (made writable by everyone when mlbuild creates
+it; a folder that exists must be writable by uid 10001, else the runtime drops the
+records and says so in its log). A service with ``tracing: true`` gets the ``OTEL_*``
+variables of the shell that runs ``mlbuild deploy`` (the exporter's endpoint).
+
 (A published port, ``-p``, cannot be shared by two containers: an old/new overlap
 would need a proxy in front, and every redeploy would start the service twice.
 Host networking needs a Linux engine; the runtime still binds 127.0.0.1 only.)
@@ -46,8 +56,8 @@ from mlbuild.graph.step import BuildContext
 from mlbuild.graph.steps.context import context_of
 from mlbuild.graph.steps.image import LABEL_FINGERPRINT, engine
 from mlbuild.graph.steps.process import (GRACEFUL_TIMEOUT, RunningServiceStep, keys_file,
-                                         service_port)
-from mlbuild.manifest.model import resources_hint
+                                         otel_env, service_port)
+from mlbuild.manifest.model import MODEL_DATA_IN_IMAGE, Resources, resources_hint
 from mlbuild.state import keys as keystore
 
 HOST = "127.0.0.1"
@@ -59,6 +69,17 @@ ENGINE_EVERY = 0.2
 
 def container_name(project, service: str, target: str) -> str:
     return f"{project.name}-{service}-{target}"
+
+
+def model_data_volume(project, service) -> str | None:
+    """The volume (a name, or an absolute host path) mounted at the image's model data
+    folder for ``service``; None when it collects no model data into a folder."""
+    c = service.collect_model_data
+    if c is None or c.destination("docker") != "folder":
+        return None
+    if c.path is None:
+        return f"mlbuild-{project.name}-{service.name}-model-data"
+    return c.path if os.path.isabs(c.path) else str(project.root / c.path)
 
 
 def _ready(port: int, wait: float = 0.0) -> bool:
@@ -128,7 +149,11 @@ class ContainerStep(RunningServiceStep):
         where it has none, the sum of the service's models' ``resources`` (what
         ``mlbuild profile --write`` recommends)."""
         t = ctx.target
-        hint = resources_hint(ctx.project.models[r.name] for r in self._service(ctx).models)
+        s = self._service(ctx)
+        hint = resources_hint(ctx.project.models[r.name] for r in s.models)
+        if hint is not None and hint.memory_gb and isinstance(s.workers, int):
+            # Each worker process loads the models.
+            hint = Resources(cpu=hint.cpu, memory_gb=hint.memory_gb * s.workers)
         return (t.cpu if t.cpu is not None else getattr(hint, "cpu", None),
                 t.memory_gb if t.memory_gb is not None else getattr(hint, "memory_gb", None))
 
@@ -171,6 +196,14 @@ class ContainerStep(RunningServiceStep):
             os.chmod(kf, 0o644)
             mounts[str(kf)] = KEYS_IN_CONTAINER
             env["MLBUILD_AUTH_KEYS_FILE"] = KEYS_IN_CONTAINER
+        volumes = {}
+        volume = model_data_volume(project, s)
+        if volume is not None:
+            volumes[volume] = MODEL_DATA_IN_IMAGE
+            if os.path.isabs(volume):
+                self._host_folder(ctx, volume)
+        if s.tracing:
+            env.update(otel_env())
         health_port = _free_port()
         env.update(MLBUILD_HOST=HOST, MLBUILD_PORT=str(port), MLBUILD_REUSE_PORT="1",
                    MLBUILD_HEALTH_PORT=str(health_port),
@@ -188,7 +221,7 @@ class ContainerStep(RunningServiceStep):
             eng.run_container(candidate, image, network_mode="host", restart="unless-stopped",
                               env=env, labels=labels, cpus=cpus,
                               memory=f"{int(memory_gb * 1024)}m" if memory_gb else None,
-                              mounts=mounts, step_id=self.id)
+                              mounts=mounts, volumes=volumes, step_id=self.id)
             self._wait_or_fail(eng, candidate, health_port, port,
                                had_old=old is not None and old.running)
         except BaseException:
@@ -199,11 +232,29 @@ class ContainerStep(RunningServiceStep):
         eng.rename_container(candidate, name)
         st = eng.container_state(name)
         url = f"http://{HOST}:{port}"
-        ctx.db.put_deployment(target.name, s.name, {
-            "container": name, "id": st.id, "image": image, "url": url, "port": port,
-            "fingerprint": fingerprint, "started_at": time.time()})
+        dep = {"container": name, "id": st.id, "image": image, "url": url, "port": port,
+               "fingerprint": fingerprint, "started_at": time.time()}
+        if s.collect_model_data is not None:
+            dep["model_data"] = f"stdout (mlbuild logs {s.name} -t {target.name})" \
+                if volume is None else (f"{volume}/{s.name}/" if os.path.isabs(volume)
+                                        else f"volume {volume}: {s.name}/")
+        ctx.db.put_deployment(target.name, s.name, dep)
         return {"container": name, "id": st.id, "url": url, "image": image,
                 "fingerprint": fingerprint}
+
+    def _host_folder(self, ctx: BuildContext, folder: str) -> None:
+        """Make the model data folder bind-mounted into the container: one made here is
+        writable by everyone (the container's user is uid 10001, not yours); of one that
+        exists, say when that user may not be able to write to it."""
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+            os.chmod(folder, 0o777)
+            return
+        st = os.stat(folder)
+        if st.st_uid != 10001 and not st.st_mode & 0o002:
+            ctx.log(f"  note        {folder} is not writable by the container's user "
+                    "(uid 10001): the service drops its model data records (chmod o+w, "
+                    "or chown 10001 the folder)")
 
     def _wait_or_fail(self, eng, name: str, health_port: int, port: int,
                       had_old: bool) -> None:

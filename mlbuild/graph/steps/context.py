@@ -8,7 +8,8 @@ The context (``.mlbuild/contexts/<service>/``) holds only what the image needs::
     env/requirements.lock.txt   a pip environment's lock (without its header), or
     env/conda-lock.yml          a conda environment's lock (its packages alone), and
     env/installer/mlbuild/...   the installer the image's builder stage runs on it
-    env/runtime-requirements.txt  the serving runtime's requirements
+    env/runtime-requirements.txt  the serving runtime's requirements (and its
+                                OpenTelemetry extra, for a service with tracing: true)
     env/slim.py                 makes the installed environment smaller (mlbuild/slim.py)
     env/base.lock.txt, base.key   a pip environment's layers (mlbuild/envlayers.py):
     env/delta.lock.txt,           the lock of the environment's base layer, and what
@@ -39,7 +40,7 @@ import mlbuild
 from mlbuild import fsutil
 from mlbuild.errors import InvalidInput
 from mlbuild.graph.step import BuildContext, Step
-from mlbuild.manifest.model import DEFAULT_BASE_IMAGE
+from mlbuild.manifest.model import DEFAULT_BASE_IMAGE, MODEL_DATA_IN_IMAGE
 from mlbuild.state.digest import hash_bytes, hash_json, walk_files
 
 MODEL_ROOT = "/var/mlbuild/models"
@@ -157,6 +158,10 @@ class ContextStep(Step):
             files[f"<mlbuild>/{rel.removeprefix('runtime/')}"] = d.file(p)
         for name, p in build_tools().items():
             files[f"<mlbuild>/mlbuild/{name}"] = d.file(p)
+        if s.tracing:  # (its file is among the runtime's too; named here to say why)
+            from mlbuild.graph.steps.venv import otel_requirements
+
+            files["<mlbuild>/runtime/requirements-otel.txt"] = d.file(otel_requirements())
         return files
 
     def out_dir(self, ctx: BuildContext) -> Path:
@@ -221,7 +226,9 @@ class ContextStep(Step):
             if wheels is not None:
                 from mlbuild.graph.steps.wheels import cached_path
 
-                for name, digest in wheels["wheels"]:
+                # The OpenTelemetry extra's own wheels only where this service traces.
+                for name, digest in wheels["wheels"] + (wheels.get("otel", []) if s.tracing
+                                                        else []):
                     dst = stage / "wheels" / name
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     fsutil.link_or_copy(cached_path(ctx, digest, name), dst)
@@ -239,8 +246,13 @@ class ContextStep(Step):
             runtime_reqs = "env/runtime-requirements.txt"
             for rel, p in runtime_files():
                 put_file(rel, p)
-                if rel == "runtime/mlbuild/runtime/requirements.txt":
+                if rel == "runtime/mlbuild/runtime/requirements.txt" and not s.tracing:
                     put_file(runtime_reqs, p)
+            if s.tracing:
+                # The OpenTelemetry extra joins the runtime's requirements: the image
+                # installs it where it installs those (offline: its wheels are among the
+                # wheels step's), and nothing else of the Dockerfile changes.
+                put_text(runtime_reqs, runtime_requirements_text(tracing=True))
 
             # Models, in MODEL_DIR layout: models/NAME/VERSION/<file or folder>.
             models = []
@@ -357,6 +369,9 @@ class ContextStep(Step):
                 cors=",".join(s.cors),
                 max_body_bytes=s.max_body_bytes,
                 batching_env=s.batching.runtime_env() if s.batching else {},
+                observability_env=s.observability_env(),
+                model_data_dir=MODEL_DATA_IN_IMAGE if s.collect_model_data is not None
+                and s.collect_model_data.to != "stdout" else None,
                 port=CONTAINER_PORT,
                 model_refs=",".join(f"{m['name']}:{m['version']}" for m in models),
             )
@@ -406,6 +421,19 @@ def _read_text(path: Path) -> str | None:
         return path.read_text()
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def runtime_requirements_text(tracing: bool) -> str:
+    """The runtime's requirements as an image installs them: with ``tracing``, its
+    OpenTelemetry extra (``requirements-otel.txt``) after them."""
+    from mlbuild.graph.steps.venv import otel_requirements, runtime_requirements
+
+    text = runtime_requirements().read_text()
+    if tracing:
+        text = (text.rstrip("\n") + "\n# services.NAME.tracing: the runtime's OpenTelemetry "
+                "extra (mlbuild/runtime/requirements-otel.txt)\n"
+                + otel_requirements().read_text())
+    return text
 
 
 def context_of(upstream: dict) -> dict:

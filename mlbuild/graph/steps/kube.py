@@ -39,7 +39,7 @@ from mlbuild.errors import InvalidInput, StepFailed
 from mlbuild.fsutil import write_atomic
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.kube import render
-from mlbuild.manifest.model import resources_hint
+from mlbuild.manifest.model import MODEL_DATA_IN_IMAGE, Resources, resources_hint
 from mlbuild.state import keys as keystore
 from mlbuild.state.digest import hash_bytes, hash_file, hash_json
 
@@ -91,10 +91,24 @@ class KubeStep(Step):
                f"services.{s.name}.cors": list(s.cors)}
         if s.max_body_mb is not None:  # only when set: older fingerprints stay
             out[f"services.{s.name}.max_body_mb"] = s.max_body_mb
+        for key in ("workers", "collect_model_data", "tracing"):  # the same
+            value = getattr(s, key)
+            if value is not None and value is not False:
+                out[f"services.{s.name}.{key}"] = \
+                    value.config() if hasattr(value, "config") else value
         for m in self._models(ctx):  # their resources hint sizes the requests
             if m.resources is not None:
                 out[f"models.{m.name}.resources"] = m.resources.config()
         return out
+
+    def _resources(self, ctx: BuildContext):
+        """The models' resources hint, its memory times ``workers`` where that is a
+        number: each worker process loads the models."""
+        hint = resources_hint(self._models(ctx))
+        workers = self._service(ctx).workers
+        if hint is not None and hint.memory_gb and isinstance(workers, int):
+            hint = Resources(cpu=hint.cpu, memory_gb=hint.memory_gb * workers)
+        return hint
 
     def _models(self, ctx: BuildContext) -> list:
         return [ctx.project.models[r.name] for r in self._service(ctx).models]
@@ -111,8 +125,10 @@ class KubeStep(Step):
         project, target, s = ctx.project, ctx.target, self._service(ctx)
         mine = render.render_target(project.name, [render.ServiceInput(
             name=s.name, image=image, fingerprint=fingerprint, auth=s.auth,
-            cors=tuple(s.cors), resources=resources_hint(self._models(ctx)),
-            max_body_bytes=s.max_body_bytes)],
+            cors=tuple(s.cors), resources=self._resources(ctx),
+            max_body_bytes=s.max_body_bytes, workers=s.workers,
+            model_data=s.collect_model_data.destination("kubernetes")
+            if s.collect_model_data is not None else None, tracing=s.tracing)],
             target.kube)
         # The kustomization lists every service's files: the names alone, known without
         # their images (each service's step rewrites it the same way).
@@ -199,11 +215,17 @@ class KubeStep(Step):
             self._fail(client, name, verdict, serving)
         svc_obj = client.get("Service", name)
         url = service_url(settings, s.name, svc_obj)
-        ctx.db.put_deployment(target.name, s.name, {
+        record = {
             "kube": {"context": client.context, "namespace": settings.namespace,
                      "deployment": name},
             "url": url or "", "image": image, "fingerprint": fingerprint,
-            "started_at": time.time(), "applied_deployment": deployment})
+            "started_at": time.time(), "applied_deployment": deployment}
+        if s.collect_model_data is not None:  # where `mlbuild status` says they go
+            record["model_data"] = (
+                f"stdout (kubectl logs -n {settings.namespace} deployment/{name})"
+                if s.collect_model_data.destination("kubernetes") == "stdout" else
+                f"emptyDir {MODEL_DATA_IN_IMAGE} in each pod: {s.name}/")
+        ctx.db.put_deployment(target.name, s.name, record)
         return dict(result, deployment=name, namespace=settings.namespace, url=url)
 
     def _target_files(self, ctx: BuildContext) -> set[str]:

@@ -157,6 +157,32 @@ def _swap(stage: Path, out: Path) -> Path | None:
     return aside
 
 
+def readme_settings(project, service) -> dict:
+    """What the README's run command and notes say of ``workers``,
+    ``collect_model_data`` and ``tracing`` (nothing for a service without them: its
+    README stays as it was)."""
+    from mlbuild.manifest.model import MODEL_DATA_IN_IMAGE
+
+    out: dict = {}
+    options = []
+    c = service.collect_model_data
+    if c is not None and c.destination("package") == "folder":
+        volume = f"mlbuild-{project.name}-{service.name}-model-data"
+        options.append(f"-v {volume}:{MODEL_DATA_IN_IMAGE}")
+        out.update(model_data_volume=volume, model_data_dir=MODEL_DATA_IN_IMAGE)
+    elif c is not None:
+        out["model_data_stdout"] = True
+    if service.tracing:
+        # Without a value docker passes on the shell's (nothing when it is unset).
+        options.append("-e OTEL_EXPORTER_OTLP_ENDPOINT")
+        out["tracing"] = True
+    if service.workers is not None:
+        out["workers"] = service.workers
+    if options:
+        out["run_options"] = " ".join(options) + " "
+    return out
+
+
 class PackageStep(Step):
     kind = "package"
     version = 1
@@ -214,6 +240,7 @@ class PackageStep(Step):
             has_sample="samples/input.json" in context["files"],
             has_app=any(rel.startswith("app/") for rel in context["files"]),
             mlbuild_version=mlbuild.__version__,
+            **readme_settings(project, service),
         ).encode()
 
         stage = fsutil.staging_dir(out)

@@ -12,6 +12,11 @@ ready; when the new one fails, the old one keeps serving and the step fails sayi
 
 Up to date means: the recorded process is alive and is our runtime on that port.
 
+Model data (``collect_model_data``): the records go to ``.mlbuild/model-data/<target>/``
+(``<service>/<model>/<version>/...`` below it, as Azure laid them out), outside the
+release folder, which a replacement removes; or to the folder ``path`` names, or to
+the service's log (``to: stdout``). The deployment record says where (``mlbuild status``).
+
 Ports: the services of a process target listen on ``port``, ``port + 1``, ... in
 the order the target lists them (manifest order), on 127.0.0.1 only (a process
 target is for this machine; a docker or kubernetes target is for serving others).
@@ -30,6 +35,7 @@ from mlbuild.backends import process as proc
 from mlbuild.errors import StepFailed
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.graph.steps.context import APP_ROOT, MODEL_ROOT, map_image_path
+from mlbuild.manifest.model import MODEL_DATA_IN_IMAGE
 from mlbuild.state import keys as keystore
 from mlbuild.state.digest import hash_json
 
@@ -55,6 +61,24 @@ def log_file(state_dir: Path, target: str, service: str) -> Path:
 
 def release_root(state_dir: Path, target: str, service: str) -> Path:
     return state_dir / "run" / target / service
+
+
+def model_data_dir(project, state_dir: Path, target: str, service) -> Path | None:
+    """The folder on this machine a service's collected model data goes to (the
+    runtime adds ``<service>/...`` below it): ``path`` of ``collect_model_data``, else
+    ``.mlbuild/model-data/<target>``; None when collection is off or goes to stdout."""
+    c = service.collect_model_data
+    if c is None or c.destination("process") != "folder":
+        return None
+    if c.path is not None:
+        return Path(c.path) if os.path.isabs(c.path) else project.root / c.path
+    return state_dir / "model-data" / target
+
+
+def otel_env() -> dict[str, str]:
+    """The OpenTelemetry variables (``OTEL_*``) of the shell that runs mlbuild: a
+    service with ``tracing: true`` gets them on the process and docker targets."""
+    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
 
 
 def stop_release(release: Path) -> bool:
@@ -91,7 +115,11 @@ class RunningServiceStep(Step):
     def config(self, ctx: BuildContext) -> dict:
         t = ctx.target
         s = self._service(ctx)
-        return {f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth}
+        out = {f"targets.{t.name}": t.config(), f"services.{s.name}.auth": s.auth}
+        if s.collect_model_data is not None:  # only when set: older fingerprints stay
+            # (where the records go is no part of the image: a path must restart it)
+            out[f"services.{s.name}.collect_model_data"] = s.collect_model_data.config()
+        return out
 
     def extra(self, ctx: BuildContext) -> dict:
         s = self._service(ctx)
@@ -99,6 +127,9 @@ class RunningServiceStep(Step):
         if s.auth == "key":
             # Regenerated keys reach the service at the next deploy.
             out["keys"] = hash_json(keystore.ensure(ctx.db, ctx.target.name, s.name))[:16]
+        if s.tracing and otel_env():
+            # A changed exporter endpoint (OTEL_* of mlbuild's shell) restarts it.
+            out["otel"] = hash_json(sorted(otel_env().items()))[:16]
         return out
 
 
@@ -180,6 +211,10 @@ class ProcessStep(RunningServiceStep):
                if not k.startswith(("MLBUILD_", "AZUREML_", "AML_", "PYTHON"))}
         roots = {MODEL_ROOT: release / "models", APP_ROOT: release / "app",
                  _SAMPLES_ROOT: release / "samples"}
+        data_dir = model_data_dir(project, state_dir, target.name, s)
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            roots[MODEL_DATA_IN_IMAGE] = data_dir
         env.update({k: map_image_path(v, roots) for k, v in context["env"].items()})
         env.update(target.runtime_env())
         env.update(PYTHONPATH=str(release / "runtime"), PYTHONUNBUFFERED="1",
@@ -224,6 +259,13 @@ class ProcessStep(RunningServiceStep):
         dep = {"pid": info["pid"], "pgid": started.pgid, "host": HOST, "port": port,
                "url": url, "release": rel(release), "venv": venv["dir"],
                "fingerprint": fingerprint, "started_at": time.time(), "log": rel(log)}
+        if s.collect_model_data is not None:
+            if data_dir is None:
+                dep["model_data"] = f"stdout (in {rel(log)})"
+            else:
+                inside = fsutil.within(os.path.realpath(project.root),
+                                       os.path.realpath(data_dir))
+                dep["model_data"] = f"{rel(data_dir) if inside else data_dir}/{s.name}/"
         ctx.db.put_deployment(target.name, s.name, dep)
         if old is not None and old.get("release") != dep["release"]:
             stop_release(project.root / old["release"])

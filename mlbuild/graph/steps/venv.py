@@ -2,8 +2,10 @@
 
 ``.mlbuild/venvs/<env>-<key>/`` holds the environment's packages and the serving
 runtime's requirements (the runtime itself runs from the release's copy of the build
-context, exactly as in an image). ``key`` is a digest of what was installed and the
-Python it runs on, so two targets needing the same environment share one venv.
+context, exactly as in an image), and its OpenTelemetry extra where a service of the
+target on this environment has ``tracing: true`` (:func:`traces`). ``key`` is a digest
+of what was installed and the Python it runs on, so two targets needing the same
+environment share one venv.
 
 Installed with uv (a dependency of mlbuild, chosen because it installs the demo
 environment in ~1-3 s where pip takes ~18 s on the same machine and cache). The venv
@@ -41,6 +43,22 @@ def runtime_requirements() -> Path:
     return Path(mlbuild.__file__).parent / "runtime" / "requirements.txt"
 
 
+def otel_requirements() -> Path:
+    """The runtime's OpenTelemetry extra (``mlbuild[otel]``): what ``tracing: true``
+    installs beside :func:`runtime_requirements`."""
+    import mlbuild
+
+    return Path(mlbuild.__file__).parent / "runtime" / "requirements-otel.txt"
+
+
+def traces(project, target, environment: str) -> bool:
+    """Whether a service of ``target`` running on ``environment`` has ``tracing: true``:
+    then the target's venv (or offline wheels) of that environment carries the
+    OpenTelemetry extra. Per target, so another target's tracing changes nothing here."""
+    return any(s.tracing for s in project.services_for(target)
+               if s.environment == environment)
+
+
 def uv_bin() -> str:
     try:
         from uv import find_uv_bin
@@ -67,11 +85,28 @@ class VenvStep(Step):
 
     def config(self, ctx: BuildContext) -> dict:
         env = self._env(ctx)
-        return {f"environments.{env.name}": env.config()}
+        out = {f"environments.{env.name}": env.config()}
+        if self._tracing(ctx):  # only then: other venvs keep their fingerprints
+            out["tracing"] = True
+        return out
+
+    def _tracing(self, ctx: BuildContext) -> bool:
+        return traces(ctx.project, ctx.target, self.params["environment"])
+
+    def _requirements(self, ctx: BuildContext) -> list[str]:
+        """uv's arguments for the runtime's requirements (and its OpenTelemetry extra)."""
+        out = ["-r", str(runtime_requirements())]
+        if self._tracing(ctx):
+            out += ["-r", str(otel_requirements())]
+        return out
 
     def inputs(self, ctx: BuildContext) -> dict[str, str]:
         # The environment comes in through its lock step (upstream).
-        return {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
+        out = {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
+        if self._tracing(ctx):
+            out["<mlbuild>/runtime/requirements-otel.txt"] = \
+                ctx.digests.file(otel_requirements())
+        return out
 
     def extra(self, ctx: BuildContext) -> dict:
         env = self._env(ctx)
@@ -127,14 +162,14 @@ class VenvStep(Step):
                          "--cache-dir", str(ctx.state_dir / "conda-pkgs")],
                         [uv, "pip", "install", *in_venv, "--require-hashes", "--no-deps",
                          "-r", str(pip_lock)],
-                        [uv, "pip", "install", *in_venv, "-r", str(runtime_requirements())]]
+                        [uv, "pip", "install", *in_venv, *self._requirements(ctx)]]
             if not pip_section:
                 del commands[1]
         else:
             commands = [[uv, "venv", "--quiet", "--python", python, str(stage)],
                         [uv, "pip", "install", *in_venv, "--require-hashes", "--no-deps",
                          "-r", str(lock)],
-                        [uv, "pip", "install", *in_venv, "-r", str(runtime_requirements())]]
+                        [uv, "pip", "install", *in_venv, *self._requirements(ctx)]]
         try:
             with open(log_path, "w", encoding="utf-8") as log:
                 for cmd in commands:

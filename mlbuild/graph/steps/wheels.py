@@ -19,6 +19,11 @@ against its hashes; they go to the context's ``conda-pkgs/``), the wheels of its
 section and of the runtime's requirements for the environment's Python, and the
 wheels of the image builder stage's installer (py-rattler, PyYAML, uv) for the base
 image's Python.
+
+Where a service of the target on this environment has ``tracing: true``, the wheels of
+the runtime's OpenTelemetry extra (``requirements-otel.txt``, within the lock's pins too)
+are fetched as well and listed apart (``otel``): only a tracing service's context links
+them, so another service's stays as it was.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from mlbuild.errors import MlbuildError, StepFailed
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.graph.steps.context import UV_REQUIREMENT
 from mlbuild.graph.steps.lock import DEFAULT_PYTHON, pins_of
-from mlbuild.graph.steps.venv import runtime_requirements
+from mlbuild.graph.steps.venv import otel_requirements, runtime_requirements, traces
 from mlbuild.state.digest import hash_file
 
 # The images' platform: Linux x86_64 with glibc 2.36 (Debian bookworm), which takes
@@ -75,10 +80,20 @@ class WheelsStep(Step):
 
     def config(self, ctx: BuildContext) -> dict:
         env = self._env(ctx)
-        return {f"environments.{env.name}.python": env.python}
+        out = {f"environments.{env.name}.python": env.python}
+        if self._tracing(ctx):  # only then: other fingerprints stay as they were
+            out["tracing"] = True
+        return out
+
+    def _tracing(self, ctx: BuildContext) -> bool:
+        return traces(ctx.project, ctx.target, self.params["environment"])
 
     def inputs(self, ctx: BuildContext) -> dict[str, str]:
-        return {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
+        out = {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
+        if self._tracing(ctx):
+            out["<mlbuild>/runtime/requirements-otel.txt"] = \
+                ctx.digests.file(otel_requirements())
+        return out
 
     def extra(self, ctx: BuildContext) -> dict:
         # What else decides the files: the images' platform tags and, for conda, the
@@ -139,9 +154,18 @@ class WheelsStep(Step):
                     fsutil.link_or_copy(p, dl / p.name)
             conda_pkgs: list[list[str]] = []
             new = 0
+            otel_used: set[str] = set()
             if env.kind == "conda":
                 conda_pkgs, new = self._conda_archives(ctx, lock, dl)
                 used = self._conda_wheels(ctx, lock, dl)
+                if self._tracing(ctx):
+                    from mlbuild.backends import conda
+
+                    otel_used = self._download(
+                        ctx, dl, ["-r", str(otel_requirements())],
+                        conda.python_version(lock) or DEFAULT_PYTHON,
+                        failed="fetching the wheels of the runtime's OpenTelemetry extra "
+                               "failed")
             else:
                 used = self._download(ctx, dl, ["--require-hashes", "--no-deps", "-r", str(lock)])
                 # The runtime's requirements within the lock's pins: the image installs
@@ -158,12 +182,21 @@ class WheelsStep(Step):
                 # The installer, which the image's builder runs on the same Python.
                 used |= self._download(ctx, dl, [UV_REQUIREMENT],
                                        failed="fetching the wheel of uv failed")
-            wheels = []
-            for name in sorted(used):
+                if self._tracing(ctx):  # within the lock's pins too
+                    otel_used = self._download(
+                        ctx, dl, ["-r", str(otel_requirements()), "-c", str(pins)],
+                        failed=f"the runtime's OpenTelemetry extra (tracing: true) "
+                               f"conflicts with the lock of environment {env.name}",
+                        hint="allow the version it needs in the environment's spec (see "
+                             "the conflict above), then mlbuild lock")
+            wheels, otel = [], []
+            for name in sorted(used | otel_used):
                 digest, added = store(ctx, dl / name)
                 new += added
-                wheels.append([name, digest])
+                (wheels if name in used else otel).append([name, digest])
         out = {"wheels": wheels, "downloaded": new}
+        if self._tracing(ctx):
+            out["otel"] = otel
         if env.kind == "conda":
             out["conda"] = conda_pkgs
         memo.parent.mkdir(exist_ok=True)
@@ -221,14 +254,20 @@ class WheelsStep(Step):
         return out, new
 
     def identity(self, outputs: dict):
+        if "otel" in outputs:
+            return [outputs["wheels"], outputs.get("conda", []), outputs["otel"]]
         return [outputs["wheels"], outputs.get("conda", [])]
 
     def check_outputs(self, ctx: BuildContext, outputs: dict) -> str | None:
-        for name, digest in outputs["wheels"] + outputs.get("conda", []):
+        for name, digest in outputs["wheels"] + outputs.get("conda", []) \
+                + outputs.get("otel", []):
             if not cached_path(ctx, digest, name).is_file():
                 return f"{name} missing from the cache"
         return None
 
     def summary(self, outputs: dict) -> str:
         conda = f" and {len(outputs['conda'])} conda packages" if "conda" in outputs else ""
-        return f"{len(outputs['wheels'])} wheels{conda} ({outputs['downloaded']} downloaded)"
+        otel = f" + {len(outputs['otel'])} of the OpenTelemetry extra" \
+            if "otel" in outputs else ""
+        return f"{len(outputs['wheels'])} wheels{otel}{conda} " \
+               f"({outputs['downloaded']} downloaded)"
