@@ -381,8 +381,9 @@ def metrics(port: int) -> dict[int, int]:
     text = conn.getresponse().read().decode()
     conn.close()
     out: dict[int, int] = {}
-    for m in re.finditer(r'mlbuild_requests_total\{[^}]*status="(\d+)"\} (\d+)', text):
-        out[int(m.group(1))] = out.get(int(m.group(1)), 0) + int(m.group(2))
+    for m in re.finditer(r'^http_server_request_duration_seconds_count\{[^}]*'
+                         r'http_response_status_code="(\d+)"[^}]*\} (\S+)$', text, re.M):
+        out[int(m.group(1))] = out.get(int(m.group(1)), 0) + int(float(m.group(2)))
     return out
 
 

@@ -1,7 +1,7 @@
 """Scoring throughput, tail latency and memory of the serving runtime, beside two baselines.
 
     python bench/serve.py [--duration S] [--rounds N] [--threads T] [--workers N]
-                          [--no-pin] [--azmlinfsrv PATH]
+                          [--no-pin] [--azmlinfsrv PATH] [--no-tracing]
 
 Goals, at c=16 with one worker each, 127.0.0.1 only (issue "serving runtime", section
 "Speed and memory"; issue "drop-in for the Azure ML inference server", section "Speed"):
@@ -19,6 +19,11 @@ POSTs of 2 rows x 10 features:
               encoding, with the uvicorn settings the runtime uses (httptools, uvloop when
               installed, no access log, no server header, no proxy-header middleware) --
               the practical limit
+  traced      the runtime as above with OpenTelemetry traces on (OTEL_EXPORTER_OTLP_ENDPOINT
+              to an OTLP/HTTP receiver in this process, pinned beside wrk; every request
+              sampled: a server and a run() span each): what tracing costs a request,
+              printed after the goals (no goal). Needs `pip install -e '.[otel]'`;
+              skipped without it or with --no-tracing
   azmlinfsrv  azureml-inference-server-http with the same score.py. Its pinned deps (flask
               etc.) clash with ours, so it lives in its own venv, found through --azmlinfsrv
               or $AZMLINFSRV (else /tmp/azvenv/bin/azmlinfsrv); skipped when absent:
@@ -52,9 +57,11 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 CONCURRENCY = (2, 16)
@@ -297,6 +304,7 @@ def run_wrk(url: str, lua: Path, conns: int, duration: float, threads: int = 2,
 # --- report ---------------------------------------------------------------------------
 
 LABELS = {"runtime": "mlbuild runtime", "serve": "mlbuild serve", "bare": "bare ASGI",
+          "traced": "runtime+tracing",
           "azmlinfsrv": "azmlinfsrv"}
 
 
@@ -410,6 +418,78 @@ def report(servers: list, results: dict, rss: dict, args) -> list[tuple[str, flo
     return out
 
 
+class SpanReceiver:
+    """An OTLP/HTTP traces receiver (POST /v1/traces) in a thread of this process that
+    counts the spans it is sent, as a collector beside the service would take them."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
+
+        self.spans = 0
+        self.posts = 0
+        self._lock = threading.Lock()
+        receiver = self
+        ok = pb.ExportTraceServiceResponse().SerializeToString()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a collector answers
+
+            def do_POST(self):
+                data = pb.ExportTraceServiceRequest.FromString(
+                    self.rfile.read(int(self.headers.get("content-length", 0))))
+                count = sum(len(ss.spans) for rs in data.resource_spans
+                            for ss in rs.scope_spans)
+                with receiver._lock:
+                    receiver.spans += count
+                    receiver.posts += 1
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(ok)))
+                self.end_headers()
+                self.wfile.write(ok)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def pin(self, cpu: int) -> None:
+        """Keep the receiver off the servers' CPUs (on wrk's), as a collector elsewhere.
+        Its handler threads inherit the serving thread's CPUs."""
+        os.sched_setaffinity(self._thread.native_id, {cpu})
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def report_tracing(results: dict, receiver: SpanReceiver) -> None:
+    """What traces cost a request: the traced runtime beside the same runtime untraced."""
+    print()
+    print("tracing (OpenTelemetry on: OTLP http/protobuf to a receiver in this process, every "
+          "request sampled; medians of per-round values)")
+    for c in CONCURRENCY:
+        ratio = paired_ratio(results, "traced", "runtime", c, "rps")
+        # NOTE: one worker busy at c=16 serves one request at a time: 1/(req/s) is the
+        # time a request holds it, so the difference is what tracing adds to each.
+        wall = statistics.median(1e6 / t["rps"] - 1e6 / r["rps"] for t, r in
+                                 zip(results[("traced", c)], results[("runtime", c)]))
+        cpu = statistics.median(t["cpu_us"] - r["cpu_us"] for t, r in
+                                zip(results[("traced", c)], results[("runtime", c)]))
+        rps_t = statistics.median(r["rps"] for r in results[("traced", c)])
+        rps_r = statistics.median(r["rps"] for r in results[("runtime", c)])
+        print(f"  c={c:<3} req/s traced {rps_t:>7.0f} vs untraced {rps_r:>7.0f} "
+              f"({ratio:.2f}x); cost per request {wall:+.0f} us (1/req/s), "
+              f"{cpu:+.0f} us server CPU (export thread included)")
+    served = sum(r["requests"] for r in results[("traced", 16)] + results[("traced", 2)])
+    print(f"  spans received: {receiver.spans} in {receiver.posts} exports "
+          f"(~{served} requests measured, plus warm-up: 2 spans a request)")
+
+
 def access_lines(path: Path) -> int:
     """Access-log lines in a server's output (proof that the log was on while measured)."""
     count, tail = 0, b""
@@ -454,6 +534,8 @@ def main() -> int:
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin wrk to the first CPU and the servers to the others")
     ap.add_argument("--azmlinfsrv", help="path of azmlinfsrv [$AZMLINFSRV, /tmp/azvenv/bin]")
+    ap.add_argument("--no-tracing", dest="tracing", action="store_false",
+                    help="leave out the runtime with OpenTelemetry traces on (and its cost line)")
     args = ap.parse_args()
     if args.duration <= 0 or args.duration > 120 or not 1 <= args.rounds <= 50 \
             or args.threads < 1:
@@ -485,7 +567,7 @@ def main() -> int:
         body, expected = train(work)
         model_dir = work / "model"
         base_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("MLBUILD_", "AZUREML_"))
+                    if not k.startswith(("MLBUILD_", "AZUREML_", "OTEL_"))
                     and k not in ("FORWARDED_ALLOW_IPS", "WORKER_COUNT", "AML_APP_ROOT")}
         base_env["PYTHONUNBUFFERED"] = "1"
         py = sys.executable
@@ -514,12 +596,26 @@ def main() -> int:
                 "--model_dir", str(model_dir), "--worker_count", str(args.workers),
                 "--port", str(free_port())],
                 dict(base_env, AZUREML_MODEL_DIR=str(model_dir)), work))
+        receiver = None
+        if args.tracing and not (_has("opentelemetry.sdk") and _has("opentelemetry.proto")):
+            print("OpenTelemetry not installed: the traced runtime is skipped (install it "
+                  "with pip install -e '.[otel]')")
+        elif args.tracing:
+            receiver = SpanReceiver()
+            servers.append(Server("traced", [
+                py, "-m", "mlbuild.runtime", "--entry-script", script,
+                "--model-dir", str(model_dir), "--host", "127.0.0.1",
+                "--workers", str(args.workers), "--port", str(free_port())],
+                dict(base_env, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+                     OTEL_SERVICE_NAME="bench-serve", OTEL_TRACES_SAMPLER="always_on"), work))
 
         wrk_pin, server_pin = cpu_split(args.pin)
         for s in servers:
             s.pin = server_pin
         if server_pin:
             print(f"pinned: wrk to CPU {wrk_pin[-1]}, servers to CPU {server_pin[-1]}")
+            if receiver is not None:
+                receiver.pin(int(wrk_pin[-1]))
         try:
             for s in servers:
                 s.start()
@@ -539,9 +635,13 @@ def main() -> int:
         finally:
             for s in servers:
                 s.stop()
+            if receiver is not None:
+                receiver.close()
 
         args.pinned = bool(server_pin)
         report(servers, results, rss, args)
+        if receiver is not None:
+            report_tracing(results, receiver)
         for s in (s for s in servers if s.name in ("runtime", "serve")):  # after stop: the
             # last lines are written at shutdown
             print(f"{s.name} access log: {access_lines(s.log_path)} lines "

@@ -111,7 +111,8 @@ SOLVER_HINT = (f"install micromamba (https://mamba.readthedocs.io/en/latest/inst
                f"{SOLVER_ENV} to the solver's path")
 # Replaced by mlbuild's runtime: never installed (the same list as the pip lock step's,
 # mlbuild/graph/steps/lock.py).
-AZUREML_REPLACED = ("azureml-defaults", "azureml-core", "azureml-contrib-services")
+AZUREML_REPLACED = ("azureml-defaults", "azureml-core", "azureml-contrib-services",
+                    "azureml-monitoring")
 _NAME_RE = re.compile(r"""^\s*['"]?([A-Za-z0-9][A-Za-z0-9._-]*)""")
 _PIP_BLOCK_RE = re.compile(r"^(\s*)-\s*pip\s*:\s*(#.*)?$")
 _ITEM_RE = re.compile(r"^(\s*)-\s*(\S.*)$")

@@ -8,6 +8,9 @@ needs only the packages in ``requirements.txt`` beside this file:
   framework), which is what keeps it within a few percent of a bare ASGI app.
 - ``httptools`` -- uvicorn's C HTTP parser; several times faster than the pure-Python h11.
 - ``uvloop`` (CPython on Linux/macOS) -- the faster event loop; used when importable.
+- ``prometheus_client`` -- ``/metrics`` of all workers at once: each process writes its
+  numbers to files in prometheus_client's multiprocess format and a scrape merges them
+  with its collector (metrics.py says why the writes are our own).
 
 Optional, used when the environment of the service has them: ``numpy`` (arrays and
 scalars in run()'s return value are JSON-encoded), ``inference-schema`` (decorated

@@ -78,9 +78,10 @@ import traceback
 from time import perf_counter
 from urllib.parse import parse_qs
 
-from mlbuild.runtime import batching, compat, jsonenc, nocode, openapi, scoring
+from mlbuild.runtime import batching, compat, jsonenc, nocode, openapi, scoring, tracing
 from mlbuild.runtime.compat import AMLRequest
 from mlbuild.runtime.config import RuntimeConfig
+from mlbuild.runtime.metrics import CONTENT_TYPE as METRICS_TYPE
 from mlbuild.runtime.metrics import Metrics
 
 log = logging.getLogger("azmlinfsrv")
@@ -236,6 +237,8 @@ ROUTES = frozenset({"/", "/healthz/live", "/healthz/ready", "/score", "/swagger.
 # place -- its body was late or broken: the status the client got, for the metrics and
 # the access log, where the app sees only the client leave.
 REFUSED_KEY = "mlbuild.refused"
+# Scope key: the size of a body that came without Content-Length (chunked), for the metrics.
+BODY_SIZE_KEY = "mlbuild.body_size"
 
 
 def health_response(path: str, ready: bool):
@@ -428,10 +431,13 @@ class ScoringApp:
         self.scorer: scoring.Scorer | None = None
         self.ready = False
         self.failure: str | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(service=config.service_name, model_dir=config.model_dir
+                               or config.no_code_model)
         self._loader = loader or functools.partial(scoring.load, config)
         self._on_fatal = on_fatal or _default_on_fatal
         self._on_ready = on_ready
+        # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set: then nothing else is paid.
+        self._tracing = tracing.setup(config, ROUTES)
         self._keys = tuple(k.encode() for k in config.auth_keys)
         self._cors = frozenset(o.encode() for o in config.cors_origins)
         self._cors_any = b"*" in self._cors
@@ -495,7 +501,10 @@ class ScoringApp:
             self._on_fatal(self)
             return
         script_log.info("Users's init has completed successfully")  # azmlinfsrv's words
+        self.metrics.init_done(time.perf_counter() - started)
         self._batcher = self._make_batcher(scorer)
+        if self._tracing is not None:  # once: run() and batches get their spans
+            self._tracing.instrument(scorer, self._batcher, self._runner)
         self.scorer = scorer
         self.ready = True
         self._wake_held_from_thread()
@@ -573,7 +582,10 @@ class ScoringApp:
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            if self._tracing is None:
+                await self._http(scope, receive, send)
+            else:  # OTEL_EXPORTER_OTLP_ENDPOINT: a span around it (tracing.py)
+                await self._tracing.serve(scope, receive, send, self._http)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -648,6 +660,7 @@ class ScoringApp:
         if self._version is not None:
             headers.append(self._version)
         status = 200
+        self.metrics.begin(method)
         try:
             if not self.ready and path not in UNHELD_PATHS and not await self._until_ready():
                 status = 503
@@ -685,14 +698,17 @@ class ScoringApp:
             await _respond(send, status, b"" if method == "HEAD" else body, ctype_out, headers)
         finally:
             elapsed = perf_counter() - started
-            self.metrics.observe(method, path, status, elapsed)
+            last = headers[-1]
+            if last[0] == b"content-length":
+                length = last[1]
+            else:  # streamed (none), or a header after it
+                length = next((v for k, v in headers if k == b"content-length"), None)
+            self.metrics.observe(method, path, status, elapsed,
+                                 int(clen) if clen is not None and clen.isdigit()
+                                 else scope.get(BODY_SIZE_KEY),
+                                 None if length is None else int(length))
             if self._access is not None and (status != 200 or path not in PROBE_PATHS) \
                     and "mlbuild.logged" not in scope:
-                last = headers[-1]
-                if last[0] == b"content-length":
-                    length = last[1]
-                else:  # streamed (none), or a header after it
-                    length = next((v for k, v in headers if k == b"content-length"), None)
                 query = scope.get("query_string")
                 self._access.line(method, f"{path}?{query.decode('latin-1')}" if query else path,
                                   status, elapsed, rid, length)
@@ -709,7 +725,7 @@ class ScoringApp:
                                         f"versions: [2, 3, 3.1]."), JSON
             return 200, self._document(version), JSON
         if path == "/metrics":
-            return 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
+            return 200, self.metrics.render(), METRICS_TYPE
         return 404, _error(404, f"no route {path}"), JSON
 
     async def _options(self, send, headers, origin, cors_ok, req_headers) -> int:
@@ -798,6 +814,7 @@ class ScoringApp:
                 return await self._too_large(send, headers)
             if body is False:  # client went away, or the protocol refused its body
                 return scope.get(REFUSED_KEY, 499)
+            scope[BODY_SIZE_KEY] = len(body)
         else:
             body = message.get("body", b"")
             if len(body) > self._max_body:
@@ -869,6 +886,7 @@ class ScoringApp:
         return await self._call_run(send, headers, scorer, scope, params, None)
 
     async def _call_run(self, send, headers, scorer, scope, arg, kwargs) -> int:
+        called = None  # when run() was called, until its time is in the metrics
         try:
             run = scorer.run
             if scorer.wants_headers:
@@ -876,6 +894,8 @@ class ScoringApp:
                     compat.Headers.from_asgi(scope["headers"]).items()))
             if kwargs is not None:
                 run = functools.partial(run, **kwargs)
+            run = compat.with_request_id(run, headers[0][1])  # for ModelDataCollector
+            called = perf_counter()
             if self._batcher is not None:
                 result = await self._batcher.submit(arg)
             elif scorer.is_async:
@@ -889,6 +909,8 @@ class ScoringApp:
                     functools.partial(run, arg) if kwargs is None else run, self._timeout)
             else:
                 result = run(arg) if kwargs is None else run()
+            self.metrics.observe_inference(perf_counter() - called)
+            called = None
             if result.__class__ not in PLAIN_JSON:  # an AMLResponse, bytes, a generator...
                 return await self._send_result(send, result, headers, scope)
             out = jsonenc.dumps(result)
@@ -918,6 +940,8 @@ class ScoringApp:
             await _respond(send, 503, _error(503, str(batching.Stopped())), JSON, headers)
             return 503
         except Exception as exc:  # noqa: BLE001 - any error of the script is a 500
+            if called is not None:  # run() raised
+                self.metrics.observe_inference(perf_counter() - called)
             log.error("run() failed (x-request-id %s): Encountered Exception: %s",
                       headers[0][1].decode("latin-1"), traceback.format_exc())
             headers.append(RUN_FAILED)

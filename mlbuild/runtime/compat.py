@@ -10,6 +10,7 @@ to find a module. With ``azureml-core`` installed, ``azureml.core.model`` is the
     azureml_inference_server_http.api.aml_request / aml_response   (same classes)
     azureml_inference_server_http.log_config    AMLLogFormatter, RootAccessFilter (for a
                                                 logging.json written for azmlinfsrv)
+    azureml.monitoring[.modeldatacollector]     ModelDataCollector (datacollect.py)
 
 The request a ``@rawhttp`` ``run(request)`` gets is always :class:`AMLRequest` (with or
 without the real package: the real one is a Flask request, and there is no Flask here).
@@ -21,6 +22,9 @@ the iterable ``response``.
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import importlib
 import importlib.abc
 import importlib.machinery
 import io
@@ -34,6 +38,32 @@ from mlbuild.runtime.models import get_model_path
 
 RAWHTTP_ATTR = "_mlbuild_rawhttp"
 _rawHttpRequested = False  # the flag the Azure module keeps; mirrored for scripts reading it
+
+# The x-request-id of the request whose run() is running (bytes, as the app has it), for
+# ModelDataCollector (Azure's read it from Flask's request). Set only once a collector
+# is on (datacollect.py switches it on): a service without one pays a call and a test a
+# request (~0.05 us), one with one a partial and a ContextVar.set (~0.6 us).
+CURRENT_REQUEST_ID: contextvars.ContextVar = contextvars.ContextVar(
+    "mlbuild_request_id", default=None)
+_tag_requests = False
+
+
+def set_request_tagging(on: bool) -> None:
+    global _tag_requests
+    _tag_requests = on
+
+
+def _run_tagged(run, request_id, *args, **kwargs):
+    CURRENT_REQUEST_ID.set(request_id)
+    return run(*args, **kwargs)
+
+
+def with_request_id(run, request_id):
+    """``run``, setting :data:`CURRENT_REQUEST_ID` when called (in whichever thread runs
+    it; an ``async def run`` gets it when its coroutine is made, in the request's task)."""
+    if not _tag_requests:
+        return run
+    return functools.partial(_run_tagged, run, request_id)
 
 
 def rawhttp(func):
@@ -653,7 +683,13 @@ _MODULES: dict[str, tuple[str, ...] | None] = {
     "azureml_inference_server_http.api.aml_request": ("AMLRequest", "rawhttp", "_rawHttpRequested"),
     "azureml_inference_server_http.api.aml_response": ("AMLResponse",),
     "azureml_inference_server_http.log_config": ("AMLLogFormatter", "RootAccessFilter"),
+    # "module:name": taken from that module when a script first imports the stand-in, so
+    # datacollect.py is loaded by the scripts that use it only.
+    "azureml.monitoring": ("mlbuild.runtime.datacollect:ModelDataCollector",),
+    "azureml.monitoring.modeldatacollector": ("mlbuild.runtime.datacollect:ModelDataCollector",),
 }
+# Stand-ins that are packages and export names too (azureml.monitoring has a submodule).
+_PACKAGES = frozenset({"azureml.monitoring"})
 
 
 class _CompatFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -662,7 +698,7 @@ class _CompatFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in _MODULES:
             return None
-        is_pkg = _MODULES[fullname] is None
+        is_pkg = _MODULES[fullname] is None or fullname in _PACKAGES
         spec = importlib.machinery.ModuleSpec(fullname, self, origin="mlbuild-compat",
                                               is_package=is_pkg)
         return spec
@@ -674,7 +710,11 @@ class _CompatFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         names = _MODULES[module.__name__]
         module.__mlbuild_compat__ = True
         for name in names or ():
-            setattr(module, name, globals()[name])
+            if ":" in name:
+                source, name = name.split(":")
+                setattr(module, name, getattr(importlib.import_module(source), name))
+            else:
+                setattr(module, name, globals()[name])
 
 
 _FINDER = _CompatFinder()

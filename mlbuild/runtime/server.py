@@ -50,8 +50,9 @@ PATH`` or ``--ready-file PATH``):
   hold it; during the overlap a probe reaches either one, and each answers for itself.
 
 Without reuse-port nothing changes: bind first and fail fast on a busy port, 503 while
-init() runs. Exit codes: 0 stopped, 1 a port cannot be listened on, 3 loading the script
-or its init() failed (2, bad options, comes from ``__main__``).
+init() runs. Exit codes: 0 stopped, 1 a port cannot be listened on (or the metrics
+folder cannot be made: metrics.py), 3 loading the script or its init() failed (2, bad
+options, comes from ``__main__``).
 
 Workers (``--workers N`` > 1): this process supervises N processes (multiprocessing
 "spawn"), each loading the script and running init() itself. By default they share the
@@ -80,6 +81,8 @@ from urllib.parse import parse_qs
 
 import uvicorn
 
+from mlbuild.runtime import metrics
+from mlbuild.runtime import tracing
 from mlbuild.runtime.app import (
     JSON,
     ScoringApp,
@@ -600,6 +603,8 @@ def _serve(config: RuntimeConfig, options: ServerOptions, sock: socket.socket | 
         return int(exc.code or 0) if state["code"] == EXIT_OK else state["code"]
     finally:
         sock.close()
+        if tracing.active is not None:  # the spans still queued, before the process ends
+            tracing.shutdown()
     return state["code"]
 
 
@@ -697,6 +702,7 @@ class Supervisor:
                 return EXIT_PORT if code == EXIT_PORT else EXIT_INIT_FAILED
             log.warning("worker process [%d] exited (code %s); starting another",
                         worker.process.pid, code)
+            metrics.mark_process_dead(worker.process.pid)  # its counts stay counted
             self._workers[i] = self._spawn()
         return None
 
@@ -788,7 +794,16 @@ def run_server(config: RuntimeConfig, options: ServerOptions | None = None) -> i
                 return
             log.info("ready: wrote %s", options.ready_file)
 
+    metrics_dir = None
     try:
+        # NOTE: before any worker starts: each writes its own files there (metrics.py).
+        try:
+            metrics_dir, made = metrics.prepare_dir()
+        except OSError as exc:
+            log.error("cannot prepare the metrics folder (%s): %s", metrics.DIR_VAR, exc)
+            return EXIT_PORT
+        if not made:
+            metrics_dir = None  # the user's folder: emptied at start, not removed
         if options.workers > 1:
             supervisor = Supervisor(config, options, sock, stop, on_ready_port)
             if health is not None:
@@ -801,3 +816,5 @@ def run_server(config: RuntimeConfig, options: ServerOptions | None = None) -> i
             health.close()
         if options.ready_file:
             remove_ready_file(options.ready_file)
+        if metrics_dir is not None:
+            metrics.remove_dir(metrics_dir)

@@ -56,10 +56,11 @@ def test_lock_lifecycle(cli: CLI, diabetes: Path):
 def test_azureml_packages_are_dropped_with_a_notice(cli: CLI, diabetes: Path):
     spec = diabetes / "envs/requirements.txt"
     spec.write_text(spec.read_text() + "azureml-defaults>=1.40\nazureml_core\n"
-                    "inference-schema>=1.8\n")
+                    "inference-schema>=1.8\nazureml-monitoring\n")
     r = cli("deploy", "bundle", timeout=300)
     assert "azureml-defaults dropped from environment sklearn" in r.stderr
     assert "azureml_core dropped" in r.stderr
+    assert "azureml-monitoring dropped" in r.stderr  # mlbuild.runtime.datacollect instead
     text = (diabetes / LOCK).read_text()
     assert "inference-schema==" in text and "azureml" not in text
 

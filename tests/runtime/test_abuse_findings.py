@@ -71,8 +71,9 @@ def _metrics(server) -> str:
 
 
 def _counted(metrics: str, status: int) -> int:
-    return sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("mlbuild_requests_total") and f'status="{status}"' in line)
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in metrics.splitlines()
+               if line.startswith("http_server_request_duration_seconds_count{")
+               and f'http_response_status_code="{status}"' in line)
 
 
 def _score_head(length: int, *extra: str) -> bytes:

@@ -137,7 +137,7 @@ def test_requirements_file_lists_the_runtime_dependencies():
     text = (REPO / "mlbuild" / "runtime" / "requirements.txt").read_text()
     names = [ln.split(">=")[0].strip() for ln in text.splitlines()
              if ln.strip() and not ln.startswith("#")]
-    assert names == ["uvicorn", "httptools", "uvloop"]
+    assert names == ["uvicorn", "httptools", "uvloop", "prometheus_client"]
 
 
 def test_help_accepts_azure_spellings():
