@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from clitools import CLI
 
@@ -66,6 +67,41 @@ def score(url: str, proj: Path, key: str) -> int:
         return r.status
 
 
+def concurrent_scores(url: str, proj: Path, key: str, n: int, clients: int) -> int:
+    """``n`` POST /score from ``clients`` threads at once (so that both workers answer
+    some); every answer must be 200. The number sent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = list(pool.map(lambda _: score(url, proj, key), range(n)))
+    assert statuses == [200] * n
+    return n
+
+
+def worker_score_count(pid: int) -> float:
+    """The POST /score requests one worker counted: its own histogram file alone
+    (metrics.py writes histogram_PID.db in the folder of MLBUILD_METRICS_DIR), read by
+    prometheus_client's multiprocess collector from a folder of its own."""
+    import shutil
+    import tempfile
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    folder = environ_of(pid)["MLBUILD_METRICS_DIR"]
+    with tempfile.TemporaryDirectory() as alone:
+        for name in os.listdir(folder):
+            if name.startswith(f"histogram_{pid}") and name.endswith(".db"):
+                shutil.copy(os.path.join(folder, name), alone)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, alone)
+        return sum(smp.value for fam in registry.collect()
+                   if fam.name == "http_server_request_duration_seconds"
+                   for smp in fam.samples if smp.name.endswith("_count")
+                   and smp.labels.get("http_route") == "/score"
+                   and smp.labels.get("http_request_method") == "POST")
+
+
 @pytest.fixture
 def dev(diabetes):
     cli = CLI(diabetes)
@@ -104,6 +140,18 @@ def test_process_target_runs_two_workers_with_collection_and_tracing(dev):
     key = dev.json("keys", "diabetes")["primary"]
     for _ in range(4):
         assert score(row["url"], proj, key) == 200
+
+    # One scrape of /metrics counts every request, whichever worker answered it.
+    sent = 4 + concurrent_scores(row["url"], proj, key, n=60, clients=8)
+    with urllib.request.urlopen(row["url"] + "/metrics", timeout=30) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    counted = sum(smp.value for smp in families["http_server_request_duration_seconds"].samples
+                  if smp.name.endswith("_count") and smp.labels.get("http_route") == "/score"
+                  and smp.labels.get("http_request_method") == "POST")
+    assert counted == sent == 64
+    # ... and both workers answered some of them (each writes files of its own).
+    per_worker = [worker_score_count(w) for w in workers_of(pid)]
+    assert sum(per_worker) == sent and min(per_worker) > 0, per_worker
 
     # The status table says where the records go; nothing else of it changed.
     table = dev("status", "dev").stdout
