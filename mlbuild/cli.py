@@ -421,11 +421,37 @@ def logs(o: Obj, service, target, lines, follow):
                                     "to follow the log")
         found = list(api.logs(service, target=target, lines=lines, **o.where))
         return _emit_json({"service": service, "lines": found})
+    found = api.logs(service, target=target, lines=lines, follow=follow, **o.where)
     try:
-        for line in api.logs(service, target=target, lines=lines, follow=follow, **o.where):
+        if follow:
+            _log_pointers(o, service, target)
+        for line in found:
             click.echo(line)
+        if not follow:
+            _log_pointers(o, service, target)
     except KeyboardInterrupt:
         return
+
+
+def _log_pointers(o: Obj, service: str, target: str | None) -> None:
+    """On stderr, after the log (before it, followed): where the service's metrics and
+    its collected model data are, and what shows its last minute. Best effort: a
+    service that is not running, or anything that fails here, prints nothing."""
+    from mlbuild import api
+
+    try:
+        rows = [r for r in api.status(target=target, **o.where)
+                if r.service == service and r.url]
+    except Exception:  # noqa: BLE001  a hint only
+        return
+    if not rows:
+        return
+    r = rows[0]
+    parts = [f"metrics: {r.url}/metrics"]
+    if r.model_data:
+        parts.append(f"model data: {r.model_data}")
+    parts.append(f"last minute: mlbuild status {r.target}")
+    click.echo("(" + "; ".join(parts) + ")", err=True)
 
 
 @cli.command()

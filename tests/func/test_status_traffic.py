@@ -53,3 +53,8 @@ def test_status_shows_the_last_minute_of_a_running_service(dev):
     text = cli("status", "dev").stdout
     assert "LAST MINUTE" in text
     assert f"{ok + failed + refused} req, {failed} err, p99 " in text
+
+    # `mlbuild logs` points at the metrics and at the status (on stderr: stdout is the log).
+    r = cli("logs", "diabetes", "-n", "5")
+    assert f"(metrics: {url}/metrics; last minute: mlbuild status dev)" in r.stderr
+    assert "metrics:" not in r.stdout
