@@ -294,10 +294,12 @@ def test_putting_the_lock_back_uses_the_base_layer_alone(project):
     assert not (project.context / "env/delta.lock.txt").exists()
     spec.write_text(SPEC + "six\n")  # as the next tests expect it
     image, progress = project.build()
-    # The delta layer of the first test again: a cache hit (unless mlbuild's runtime
-    # changed since, which runs the layers above it again: six then comes from uv's cache).
+    # The base layer is not made again; the delta layer is a cache hit, or (when its
+    # lock differs from the first test's: the lock step may keep a version it chose
+    # since) fetches no more than its own entries.
     assert "base" not in env_steps(progress), progress
-    assert sum(prepared(project.build_log())) == 0
+    delta = (project.context / "env/delta.lock.txt").read_text()
+    assert sum(prepared(project.build_log())) <= len(re.findall(r"^\S+==", delta, re.M))
     assert run(project.tag, "python", "-c", "import six").returncode == 0
 
 
