@@ -311,12 +311,33 @@ class _Histogram:
 
 
 class _HttpSeries:
-    __slots__ = ("duration", "request_size", "response_size")
+    """The three histograms of one (method, route, status), observed in one call: each
+    as a tuple (values, bucket indexes, bounds, sum index) unpacked in place, which is
+    ~0.3 us a request cheaper than three method calls."""
+
+    __slots__ = ("duration", "request_size", "response_size", "_d", "_q", "_r")
 
     def __init__(self, file: _File, labels: dict):
-        self.duration = _Histogram(file, DURATION, BUCKETS, labels)
-        self.request_size = _Histogram(file, REQUEST_SIZE, SIZE_BUCKETS, labels)
-        self.response_size = _Histogram(file, RESPONSE_SIZE, SIZE_BUCKETS, labels)
+        self.duration = d = _Histogram(file, DURATION, BUCKETS, labels)
+        self.request_size = q = _Histogram(file, REQUEST_SIZE, SIZE_BUCKETS, labels)
+        self.response_size = r = _Histogram(file, RESPONSE_SIZE, SIZE_BUCKETS, labels)
+        self._d = (d.v, d.buckets, d.bounds, d.sum)
+        self._q = (q.v, q.buckets, q.bounds, q.sum)
+        self._r = (r.v, r.buckets, r.bounds, r.sum)
+
+    def observe(self, seconds: float, request_bytes: int | None,
+                response_bytes: int | None) -> None:
+        v, buckets, bounds, total = self._d
+        v[buckets[_bisect(bounds, seconds)]] += 1.0
+        v[total] += seconds
+        if request_bytes is not None:
+            v, buckets, bounds, total = self._q
+            v[buckets[_bisect(bounds, request_bytes)]] += 1.0
+            v[total] += request_bytes
+        if response_bytes is not None:
+            v, buckets, bounds, total = self._r
+            v[buckets[_bisect(bounds, response_bytes)]] += 1.0
+            v[total] += response_bytes
 
 
 class _Window:
@@ -466,11 +487,7 @@ class Metrics:
         series = self._series.get((method, route, status))
         if series is None:
             series = self._new_series(method, route, status)
-        series.duration.observe(seconds)
-        if request_bytes is not None:
-            series.request_size.observe(request_bytes)
-        if response_bytes is not None:
-            series.response_size.observe(response_bytes)
+        series.observe(seconds, request_bytes, response_bytes)
         if route == "/score":
             self._window.observe(status, seconds)
 
