@@ -3,7 +3,7 @@ target: the release really runs N worker processes, its runtime gets the collect
 variables (the folder under .mlbuild/model-data/TARGET, made) and the tracing flag, its
 venv has the OpenTelemetry extra, and `mlbuild status` says where the records go while
 everything else it says stays as it was. (Schema errors, the image, kubernetes:
-tests/unit/test_observability_settings.py; the docker target:
+tests/unit/test_observability_manifest.py; the docker target:
 tests/integration/test_observability_docker.py.)"""
 
 from __future__ import annotations
