@@ -158,10 +158,6 @@ class ContextStep(Step):
             files[f"<mlbuild>/{rel.removeprefix('runtime/')}"] = d.file(p)
         for name, p in build_tools().items():
             files[f"<mlbuild>/mlbuild/{name}"] = d.file(p)
-        if s.tracing:  # (its file is among the runtime's too; named here to say why)
-            from mlbuild.graph.steps.venv import otel_requirements
-
-            files["<mlbuild>/runtime/requirements-otel.txt"] = d.file(otel_requirements())
         return files
 
     def out_dir(self, ctx: BuildContext) -> Path:
@@ -243,16 +239,13 @@ class ContextStep(Step):
 
             # The runtime (its requirements also beside the lock: the environment is
             # installed from env/ alone, which a BuildKit build mounts as it is).
+            # With tracing, the OpenTelemetry extra joins them: the image installs it
+            # where it installs those (offline: its wheels are among the wheels step's),
+            # and nothing else of the Dockerfile changes.
             runtime_reqs = "env/runtime-requirements.txt"
             for rel, p in runtime_files():
                 put_file(rel, p)
-                if rel == "runtime/mlbuild/runtime/requirements.txt" and not s.tracing:
-                    put_file(runtime_reqs, p)
-            if s.tracing:
-                # The OpenTelemetry extra joins the runtime's requirements: the image
-                # installs it where it installs those (offline: its wheels are among the
-                # wheels step's), and nothing else of the Dockerfile changes.
-                put_text(runtime_reqs, runtime_requirements_text(tracing=True))
+            put_text(runtime_reqs, runtime_requirements_text(tracing=s.tracing))
 
             # Models, in MODEL_DIR layout: models/NAME/VERSION/<file or folder>.
             models = []

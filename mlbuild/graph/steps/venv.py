@@ -59,6 +59,15 @@ def traces(project, target, environment: str) -> bool:
                if s.environment == environment)
 
 
+def runtime_inputs(ctx, tracing: bool) -> dict[str, str]:
+    """The digests of the runtime's requirement files a venv or wheels step installs
+    from: its requirements, and with ``tracing`` its OpenTelemetry extra."""
+    out = {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
+    if tracing:
+        out["<mlbuild>/runtime/requirements-otel.txt"] = ctx.digests.file(otel_requirements())
+    return out
+
+
 def uv_bin() -> str:
     try:
         from uv import find_uv_bin
@@ -102,11 +111,7 @@ class VenvStep(Step):
 
     def inputs(self, ctx: BuildContext) -> dict[str, str]:
         # The environment comes in through its lock step (upstream).
-        out = {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
-        if self._tracing(ctx):
-            out["<mlbuild>/runtime/requirements-otel.txt"] = \
-                ctx.digests.file(otel_requirements())
-        return out
+        return runtime_inputs(ctx, self._tracing(ctx))
 
     def extra(self, ctx: BuildContext) -> dict:
         env = self._env(ctx)

@@ -40,7 +40,8 @@ from mlbuild.errors import MlbuildError, StepFailed
 from mlbuild.graph.step import BuildContext, Step
 from mlbuild.graph.steps.context import UV_REQUIREMENT
 from mlbuild.graph.steps.lock import DEFAULT_PYTHON, pins_of
-from mlbuild.graph.steps.venv import otel_requirements, runtime_requirements, traces
+from mlbuild.graph.steps.venv import (otel_requirements, runtime_inputs,
+                                      runtime_requirements, traces)
 from mlbuild.state.digest import hash_file
 
 # The images' platform: Linux x86_64 with glibc 2.36 (Debian bookworm), which takes
@@ -89,11 +90,7 @@ class WheelsStep(Step):
         return traces(ctx.project, ctx.target, self.params["environment"])
 
     def inputs(self, ctx: BuildContext) -> dict[str, str]:
-        out = {"<mlbuild>/runtime/requirements.txt": ctx.digests.file(runtime_requirements())}
-        if self._tracing(ctx):
-            out["<mlbuild>/runtime/requirements-otel.txt"] = \
-                ctx.digests.file(otel_requirements())
-        return out
+        return runtime_inputs(ctx, self._tracing(ctx))
 
     def extra(self, ctx: BuildContext) -> dict:
         # What else decides the files: the images' platform tags and, for conda, the
