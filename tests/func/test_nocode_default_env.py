@@ -34,9 +34,27 @@ targets:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The first of two consecutive free ports (the target's two services listen on port
+    and port + 1), below the ephemeral range: a port the kernel hands out for it, as
+    before, left port + 1 to any client connection's source port meanwhile (CI once saw
+    "port 36580 ... is in use by another program")."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        first = random.randrange(max(1024, low - 12000), low - 2)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", first))
+                b.bind(("127.0.0.1", first + 1))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports below the ephemeral range")
 
 
 def test_no_code_service_without_environment_deploys_and_answers(tmp_path, trained_models):
