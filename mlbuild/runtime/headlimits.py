@@ -46,7 +46,9 @@ Cost on the hot path: a ``loop.time()`` and a few attribute checks per request, 
 overridden parser callbacks (~0.7 us of CPU a request, measured on the protocol alone
 with a no-op app; a small predict costs ~250 us); the body's deadline adds an addition
 and two stores. The deadline timer is armed when a connection opens and re-armed only
-when it fires with a request in progress: not once per request.
+when it fires with a request in progress: not once per request. The idle keep-alive
+timeout works the same way (one timer a connection, where uvicorn makes one a request),
+and answers go out in one write each (onewrite.py).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import logging
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mlbuild.runtime import onewrite
 from mlbuild.runtime.app import REFUSED_KEY, _error
 
 log = logging.getLogger("azmlinfsrv")
@@ -74,7 +77,7 @@ _REQUEST_LINE_SLACK = 32
 
 
 # uvicorn's callbacks, called without super(): these run for every request.
-_on_headers_complete = HttpToolsProtocol.on_headers_complete
+_on_headers_complete = onewrite.on_headers_complete
 _on_message_complete = HttpToolsProtocol.on_message_complete
 
 
@@ -110,16 +113,60 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._refusing = False  # a refusal waits for an earlier request's answer
         self._body_bytes = 0  # bytes read since the current head was complete
         self._previous_cycle = None  # the request before the current one (pipelining)
+        # Keep-alive: loop time the last answer completed, None while a request is in
+        # (see on_response_complete).
+        self._idle_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- the deadline -------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        # What this protocol and its request cycles write through (onewrite.py); uvicorn's
+        # flow control keeps the transport itself.
+        self.transport = onewrite.HeadHolder(transport)
         self._head_deadline = self.loop.time() + self.header_timeout
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timer_fired)
 
     def connection_lost(self, exc) -> None:
         self._stop_clock()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         super().connection_lost(exc)
+
+    # -- keep-alive ----------------------------------------------------------------------
+    # NOTE: uvicorn arms a keep-alive timer as each answer completes and cancels it when
+    # the next request's bytes arrive: a timer made and dropped per request (~2 us of a
+    # ~200 us predict). Here a connection has one timer, re-armed only when it fires:
+    # an idle connection still closes timeout_keep_alive seconds after its last answer.
+    def on_response_complete(self) -> None:
+        """uvicorn's, with the keep-alive clock above."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:  # requests the client sent early: the next one starts
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self.timeout_keep_alive,
+                                                    self._idle_timer_fired)
+
+    def _idle_timer_fired(self) -> None:
+        self._idle_timer = None
+        since = self._idle_since
+        if since is None or self.transport.is_closing():
+            return  # a request is in: its answer arms the timer again
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle_timer_fired)
+        else:
+            self.timeout_keep_alive_handler()
+
+    def _unset_keepalive_if_required(self) -> None:  # uvicorn calls it as bytes arrive
+        self._idle_since = None
 
     def _start_clock(self) -> None:
         self._head_deadline = self.loop.time() + self.header_timeout
@@ -198,7 +245,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             self._head_used = used
         else:
             self._body_bytes += len(data)
-        self._unset_keepalive_if_required()
+        self._idle_since = None  # _unset_keepalive_if_required, inlined
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -294,7 +341,9 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._head_used = 0
         self._body_bytes = 0
         self._previous_cycle = self.cycle
-        _on_headers_complete(self)  # may raise (a URL it cannot parse): still a head error
+        # uvicorn's, making cycles that write an answer in one write (onewrite.py). May
+        # raise (a URL it cannot parse): still a head error.
+        _on_headers_complete(self)
         self._in_head = False
 
     def on_message_complete(self) -> None:
