@@ -538,8 +538,8 @@ class ServiceStatus:
 
 
 def status(directory=".", file=None, target: str | None = None) -> list[ServiceStatus]:
-    """The state of every service of ``target`` (default: of every process and docker
-    target).
+    """The state of every service of ``target`` (default: of every process, docker and
+    kubernetes target).
 
     A manifest that does not load does not hide what runs: the recorded deployments
     are shown, each noting that the manifest has problems (``validate`` lists them).
@@ -611,12 +611,23 @@ def _observe(root: Path, target: str, name: str, ttype: str, dep: dict,
         detail += f"; {note}"
     if state == proc.FAILED and not last:  # why it failed is usually in its last words
         last = _last_lines(root, target, name, ttype, dep)
-    seen = None  # the last minute, from the service's /metrics (process and docker:
-    # their URL is the runtime's own port; a kubernetes URL is a Service's or an Ingress's)
-    if ttype != "kubernetes" and dep["url"] and state in (proc.HEALTHY, proc.UNHEALTHY):
-        from mlbuild import traffic
+    seen = None  # the last minute, from the runtime's own /metrics
+    if state in (proc.HEALTHY, proc.UNHEALTHY):
+        if ttype == "kubernetes":
+            # A kubernetes URL is a Service's or an Ingress's: one scrape would reach one
+            # pod, and maybe not at all from here. ops.traffic reads every ready pod
+            # through the API server's pod proxy and adds their windows up.
+            from mlbuild.errors import MlbuildError
+            from mlbuild.kube import ops
 
-        seen = traffic.read(dep["url"])
+            try:
+                seen = ops.traffic(dep)
+            except MlbuildError:  # one unreachable cluster must not hide the rest
+                seen = None
+        elif dep["url"]:  # process and docker: the URL is the runtime's own port
+            from mlbuild import traffic
+
+            seen = traffic.read(dep["url"])
     return ServiceStatus(target, name, state, ttype, dep["url"] or None, dep.get("image"),
                          dep.get("pid"), dep["fingerprint"].split(":")[-1][:12],
                          dep["started_at"], detail.lstrip("; "), tuple(last), seen,

@@ -365,22 +365,26 @@ def _ago(ts: float | None) -> str:
 @click.argument("target", required=False)
 @pass_obj
 def status(o: Obj, target):
-    """State of the deployed services (default: of every process and docker target).
+    """State of the deployed services (default: of every process, docker and kubernetes
+    target).
 
     States: Healthy, Transitioning (init() running), Unhealthy (running, failing its
     health check), Failed (exited or crash-looping; with its exit status and the last
-    lines of its log), - (not deployed). A running process or docker service also shows
-    its last minute of /score from its /metrics: requests, errors (5xx) and the 99th
-    percentile of their time (with --json: "traffic", {"window_seconds", "requests",
-    "errors", "client_errors", "p99_ms"}, or null). A service that collects model data
-    says where the records go (--json: "model_data", else null)."""
+    lines of its log), Unknown (its cluster cannot be asked), - (not deployed). A
+    running service also shows its last minute of /score from its /metrics: requests,
+    errors (5xx) and the 99th percentile of their time (with --json: "traffic",
+    {"window_seconds", "requests", "errors", "client_errors", "p99_ms"}, or null when
+    nothing answered). On kubernetes: of its ready pods (at most 10), each read through
+    the API server's pod proxy (RBAC: get pods/proxy) and added up, the p99 being the
+    largest pod's (an upper bound). A service that collects model data says where the
+    records go (--json: "model_data", else null)."""
     from mlbuild import api
 
     rows = api.status(target=target, **o.where)
     if o.json:
         return _emit_json([r.to_json() for r in rows])
     if not rows:
-        click.echo("no process or docker targets")
+        click.echo("no process, docker or kubernetes targets")
         return
     table = [("TARGET", "SERVICE", "STATE", "URL", "PID/IMAGE", "FINGERPRINT", "SINCE",
               "LAST MINUTE (/score)", "DETAIL")]

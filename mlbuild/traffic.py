@@ -11,12 +11,14 @@ previous scrape in the state folder would show "since you last ran status", not 
 last minute. So one scrape is enough, and what it shows is the service's own minute.
 
 :func:`parse` turns the exposition into a :class:`Traffic` (a pure function, tested on
-recorded text); :func:`read` fetches it.
+recorded text); :func:`read` fetches it; :func:`combine` adds up the windows of several
+replicas (a kubernetes service's pods, each scraped on its own: kube/ops.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 FETCH_TIMEOUT = 2.0
@@ -68,6 +70,26 @@ def parse(text: str) -> Traffic | None:
         return None
     return Traffic(int(window), int(sum(classes.values())), int(classes.get("5xx", 0)),
                    int(classes.get("4xx", 0)), None if math.isnan(p99) else p99)
+
+
+def combine(parts: Iterable[Traffic]) -> Traffic | None:
+    """The last minute of a service from its replicas' own: requests and errors added
+    up, the longest window, and as p99 the largest of the replicas' p99s (None when
+    there are no parts).
+
+    NOTE: the p99 of all the requests together cannot be computed from per-replica
+    quantiles, but it is bounded by their maximum M: each replica has at most 1 % of
+    its requests slower than its own p99 <= M, so at most 1 % of the union is slower
+    than M. The maximum is an upper bound, exact when the replicas are alike, and never
+    hides one slow replica (a mean of the p99s would).
+    """
+    parts = list(parts)
+    if not parts:
+        return None
+    p99s = [p.p99_seconds for p in parts if p.p99_seconds is not None]
+    return Traffic(max(p.window_seconds for p in parts), sum(p.requests for p in parts),
+                   sum(p.errors for p in parts), sum(p.client_errors for p in parts),
+                   max(p99s) if p99s else None)
 
 
 def read(url: str, timeout: float = FETCH_TIMEOUT) -> Traffic | None:

@@ -14,6 +14,8 @@ The contract (what tests/kubefake serves, and what a real API server does):
     events(name)              GET events with fieldSelector involvedObject.name
     delete(kind, name)        DELETE; False when 404
     logs(pod, container, ...) GET pods/NAME/log (tailLines, follow)
+    proxy_get(pod, port, path) GET pods/NAME:PORT/proxy/PATH: what the pod's port
+                              answers (or the API server's Status when it cannot reach it)
     namespace_exists()        GET namespaces/NAME
 
 Every failure a user can meet is a :class:`~mlbuild.errors.MlbuildError` of one line
@@ -54,6 +56,17 @@ class Unreachable(MlbuildError):
 
 class Conflict(StepFailed):
     """Another field manager owns fields mlbuild applies."""
+
+
+def _is_status(resp) -> bool:
+    """Whether an answer is a ``Status`` of the API server (not a proxied program's)."""
+    if resp.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("kind") == "Status"
 
 
 def _resource(kind: str):
@@ -229,6 +242,53 @@ class KubeClient:
             raise self._api_error(exc, f"read the log of {pod}") or exc from None
         except (httpx.TransportError, OSError) as exc:
             raise self._unreachable(exc) from None
+
+    def proxy_get(self, pod: str, port: int, path: str, timeout: float = 5.0
+                  ) -> tuple[int, str]:
+        """GET ``path`` from ``port`` of ``pod`` through the API server's pod proxy
+        (``pods/NAME:PORT/proxy/PATH``): it reaches a pod from wherever the kubeconfig
+        reaches the API server, with no port-forward (RBAC: ``get`` on ``pods/proxy``).
+
+        Returns:
+            ``(status, body)`` of what answered: the program in the pod, or the API
+            server itself when it could not reach it, with a Status body (404: no such
+            pod; 400 "address not allowed": the pod has no IP yet; 503 "error trying to
+            reach service: ...": nothing listens on the port, or the pod is gone).
+
+        Raises:
+            Unreachable: the API server cannot be reached, the answer took more than
+                ``timeout`` seconds, or the API server refused us (401/403).
+        """
+        from urllib.parse import quote
+
+        import httpx2 as httpx
+        from lightkube import ApiError
+        from lightkube.core.generic_client import BasicRequest
+
+        # NOTE: lightkube has no pod proxy; the request goes through its generic client
+        # (its base URL, credentials and TLS), as _previous_log's does.
+        generic = self._client._client
+        br = BasicRequest(method="GET",
+                          url=f"api/v1/namespaces/{quote(self.namespace, safe='')}/pods/"
+                              f"{quote(pod, safe='')}:{int(port)}/proxy/"
+                              f"{quote(path.lstrip('/'), safe='/')}",
+                          timeout=httpx.Timeout(timeout))
+        try:
+            resp = generic.send(generic.build_adapter_request(br))
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):  # the API server itself
+                raise self._unreachable(exc) from None
+            raise Unreachable(f"pod {pod} did not answer on port {port} within {timeout:g} s "
+                              f"(through the Kubernetes API at {self.server}): "
+                              f"{type(exc).__name__}", hint="is the pod overloaded? kubectl "
+                              "describe pod tells") from None
+        except (httpx.TransportError, OSError) as exc:
+            raise self._unreachable(exc) from None
+        if resp.status_code in (401, 403) and _is_status(resp):
+            # The API server's own refusal (the pod's program answers its own 401s).
+            raise self._api_error(ApiError(request=resp.request, response=resp),
+                                  f"proxy to pod {pod}") from None
+        return resp.status_code, resp.text
 
     def _previous_log(self, pod: str, container: str | None, tail: int | None):
         # NOTE: lightkube's Client.log has no `previous`; the same request through its

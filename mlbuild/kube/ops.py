@@ -1,4 +1,5 @@
-"""``status``, ``logs`` and ``down`` of a service recorded on a kubernetes target.
+"""``status`` (its state and last minute of traffic), ``logs`` and ``down`` of a service
+recorded on a kubernetes target.
 
 They work from the deployment record (context, namespace, Deployment name), so a
 manifest that no longer loads does not hide or keep anything running.
@@ -8,12 +9,19 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
+from mlbuild.errors import MlbuildError
 from mlbuild.kube import render
 from mlbuild.kube.client import APPLIED_KINDS, KubeClient
+from mlbuild.kube.settings import CONTAINER_PORT
+
+if TYPE_CHECKING:
+    from mlbuild.traffic import Traffic
 
 _RECORD_KEY = "kube"
+MAX_SCRAPED_PODS = 10  # pods whose /metrics one status reads (in parallel)
 
 
 def client_of(record: dict) -> KubeClient:
@@ -57,6 +65,72 @@ def observe(record: dict) -> tuple[str, str, list[str]]:
         last = list(client.logs(v.failing_pod, v.failing_container, tail=5,
                                 previous=v.logs_previous))
     return v.state, detail, last
+
+
+def traffic(record: dict) -> Traffic | None:
+    """The last minute of ``/score`` of a recorded service: every ready pod's own window
+    (its runtime's ``/metrics``, read through the API server's pod proxy), added up by
+    :func:`mlbuild.traffic.combine`. None when no pod answered.
+
+    NOTE: the service's URL (a Service's or an Ingress's) reaches one pod per request,
+    and maybe not at all from here; the pod proxy reaches each pod from wherever the
+    kubeconfig reaches the API server. A pod that does not answer (not listening, gone
+    meanwhile, too slow) is left out: the others still tell. Of more than
+    ``MAX_SCRAPED_PODS`` ready pods, the first by name are read (a status stays quick;
+    the counts are then those of these pods).
+
+    Raises:
+        MlbuildError: the cluster cannot be asked for the Deployment or its pods.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlbuild import traffic as tr
+
+    client = client_of(record)
+    dep = client.get("Deployment", record[_RECORD_KEY]["deployment"])
+    if dep is None:
+        return None
+    pods = serving_pods(client.list("Pod", dep["spec"]["selector"]["matchLabels"]))
+    if not pods:
+        return None
+
+    def scrape(pod: Mapping) -> tr.Traffic | None:
+        try:
+            code, text = client.proxy_get(pod["metadata"]["name"], scoring_port(pod),
+                                          "metrics", timeout=tr.FETCH_TIMEOUT)
+        except MlbuildError:
+            return None
+        if code != 200:
+            return None
+        try:
+            return tr.parse(text)
+        except ValueError:  # not Prometheus text
+            return None
+
+    # NOTE: in parallel, so that pods that do not answer cost one timeout, not one each.
+    with ThreadPoolExecutor(max_workers=len(pods)) as pool:
+        seen = [t for t in pool.map(scrape, pods) if t is not None]
+    return tr.combine(seen)
+
+
+def serving_pods(pods: list[Mapping], limit: int = MAX_SCRAPED_PODS) -> list[Mapping]:
+    """The pods that take requests (Ready, not terminating), at most ``limit``, by name."""
+    def ready(pod: Mapping) -> bool:
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+    out = [p for p in pods if ready(p) and not p["metadata"].get("deletionTimestamp")]
+    return sorted(out, key=lambda p: p["metadata"]["name"])[:limit]
+
+
+def scoring_port(pod: Mapping) -> int:
+    """The port the runtime listens on in a pod: its container port named ``http``
+    (templates/kubernetes/deployment.yaml.j2), else mlbuild's default."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for port in c.get("ports") or []:
+            if port.get("name") == "http" and port.get("containerPort"):
+                return int(port["containerPort"])
+    return CONTAINER_PORT
 
 
 def logs(record: dict, lines: int | None, follow: bool) -> Iterator[str]:

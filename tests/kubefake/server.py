@@ -25,8 +25,9 @@ and, with MLBUILD_TEST_KUBECONFIG, against a real cluster):
   merge and JSON patch; DELETE (propagationPolicy: dependents go at once, or are
   orphaned); the status subresource (GET/PUT/PATCH); pod logs (``container``,
   ``tailLines``, ``sinceSeconds``, ``timestamps``, ``limitBytes``, ``previous``,
-  ``follow``); ``dryRun=All`` on writes. Discovery: /version, /api, /apis, /api/v1,
-  /apis/GROUP/VERSION.
+  ``follow``); the pod proxy for GET (``pods/[SCHEME:]NAME[:PORT]/proxy/PATH``,
+  forwarded to the backend a test registered with ``pod_backend()``); ``dryRun=All`` on
+  writes. Discovery: /version, /api, /apis, /api/v1, /apis/GROUP/VERSION.
 * Objects carry uid, resourceVersion (one counter for the server), creationTimestamp,
   generation (Deployment, ReplicaSet, Pod, HPA, PDB, Ingress; +1 on a spec change),
   managedFields (fieldmanager.py), and the apiserver's defaults for the fields a
@@ -37,7 +38,11 @@ and, with MLBUILD_TEST_KUBECONFIG, against a real cluster):
   401 without the server's bearer token; 403 for what ``forbid()`` denies, with RBAC's
   message; 422 Invalid for the checks of ``_validate`` (names, labels, a Deployment's
   selector and containers, an immutable selector); 409 for apply conflicts, stale
-  resourceVersions, and existing names; 404 for missing objects and namespaces.
+  resourceVersions, and existing names; 404 for missing objects and namespaces. The pod
+  proxy answers as upstream's (pkg/registry/core/pod/strategy.go ResourceLocation,
+  apimachinery's proxy transport): 404 for a missing pod, 400 "address not allowed" for
+  a pod without an IP, 503 "error trying to reach service: dial tcp IP:PORT: connect:
+  connection refused" when nothing listens; else the backend's own answer.
 * Every response with a JSON body says exactly ``Content-Type: application/json``
   (lightkube only turns such an error into ``ApiError``).
 
@@ -49,6 +54,8 @@ from __future__ import annotations
 import base64
 import bisect
 import copy
+import http.client
+import ipaddress
 import json
 import re
 import select
@@ -61,7 +68,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import yaml
 
@@ -137,6 +144,10 @@ PATCH_TYPES = {
 }
 
 WATCH_HISTORY = 10_000  # events kept for watches that resume from a resourceVersion
+PROXY_TIMEOUT = 30.0  # seconds the pod proxy waits for a backend (then 503)
+# Not passed on by the pod proxy (hop-by-hop, or recomputed).
+_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                          "te", "trailer", "transfer-encoding", "upgrade", "content-length"})
 
 
 def rfc3339(t: float) -> str:
@@ -952,6 +963,7 @@ class Route:
     namespace: str | None  # None: all namespaces (list/watch), or cluster-scoped
     name: str | None = None
     subresource: str | None = None
+    proxy_path: str = "/"  # the path a pod proxy request forwards (subresource "proxy")
 
     @property
     def resource(self) -> str:
@@ -981,6 +993,11 @@ def parse_route(path: str) -> Route | str:
             return Route(KINDS["Namespace"], None, rest[1] if len(rest) == 2 else None)
         ns, rest = rest[1], rest[2:]
     kind = _BY_PATH.get((prefix, rest[0]))
+    if kind is not None and kind.kind == "Pod" and ns is not None and len(rest) >= 3 \
+            and rest[2] == "proxy":
+        tail = "/".join(rest[3:])
+        return Route(kind, ns, rest[1], "proxy",
+                     "/" + tail + ("/" if tail and path.endswith("/") else ""))
     if kind is None or len(rest) > 3 or (ns is None and len(rest) > 1 and kind.namespaced):
         raise NOT_FOUND_PATH
     route = Route(kind, ns, rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None)
@@ -1018,6 +1035,8 @@ def _discovery(doc: str, host: str) -> dict:
                               "kind": k.kind, "verbs": ["get", "patch", "update"]})
         if k.kind == "Pod":
             resources.append({"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
+                              "verbs": ["get"]})
+            resources.append({"name": "pods/proxy", "singularName": "", "namespaced": True, "kind": "Pod",
                               "verbs": ["get"]})
     group_version = doc.removeprefix("/api/").removeprefix("/apis/")
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}
@@ -1150,6 +1169,11 @@ class _Handler(BaseHTTPRequestHandler):
         verb = self._verb(method, route, query)
         fake._authorize(verb, route)
         dry_run = query.get("dryRun") == "All"
+        if route.subresource == "proxy":
+            if method != "GET":
+                raise ApiStatus(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+            self._proxy(route, query)
+            return
         if method != "GET" and route.subresource == "log":
             raise ApiStatus(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         if method != "GET" and not kind.client_writable:
@@ -1409,6 +1433,71 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _proxy(self, route: Route, query: dict) -> None:
+        """GET through the pod proxy: upstream's ResourceLocation picks the pod's address,
+        then the request goes to the backend registered for that pod and port."""
+        fake = self.server.fake
+        name, port = _split_proxy_name(route.name or "")
+        target, port = _proxy_location(fake.store.get(KINDS["Pod"], route.namespace, name), port)
+        backend = fake._backend(route.namespace, name, port)
+        unreachable = f"error trying to reach service: dial tcp {target}: connect: connection refused"
+        if backend is None:
+            raise ApiStatus(503, "ServiceUnavailable", unreachable)
+        where = urlsplit(backend)
+        conn = http.client.HTTPConnection(where.hostname, where.port or 80, timeout=PROXY_TIMEOUT)
+        try:
+            conn.request("GET", where.path.rstrip("/") + route.proxy_path
+                         + (f"?{urlencode(query)}" if query else ""))
+            resp = conn.getresponse()
+            body = resp.read()
+            headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_HEADERS]
+        except ConnectionRefusedError:
+            raise ApiStatus(503, "ServiceUnavailable", unreachable) from None
+        except TimeoutError:
+            raise ApiStatus(503, "ServiceUnavailable",
+                            f"error trying to reach service: dial tcp {target}: i/o timeout") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise ApiStatus(503, "ServiceUnavailable", f"error trying to reach service: {e}") from None
+        finally:
+            conn.close()
+        self.send_response(resp.status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _split_proxy_name(name: str) -> tuple[str, str]:
+    """``(pod, port)`` of a proxy request's ``[SCHEME:]NAME[:PORT]`` (port "" when not
+    given), as upstream's SplitSchemeNamePort."""
+    parts = name.split(":")
+    if len(parts) == 3 and parts[0] in ("", "http", "https"):
+        parts = parts[1:]  # the scheme: the fake's backends speak plain HTTP
+    if len(parts) > 2 or not parts[0]:
+        raise bad_request(f'invalid pod request "{name}"')
+    return parts[0], parts[1] if len(parts) == 2 else ""
+
+
+def _proxy_location(pod: dict, port: str) -> tuple[str, int]:
+    """``("IP:PORT", PORT)`` a pod proxy request goes to: upstream's ResourceLocation
+    (no port: the pod's first container port; the IP must be a unicast one)."""
+    if not port:
+        ports = [p.get("containerPort") for c in (pod.get("spec") or {}).get("containers") or []
+                 for p in c.get("ports") or []]
+        port = str(ports[0]) if ports else "80"
+    ip = (pod.get("status") or {}).get("podIP") or ""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        addr = None
+    if addr is None or addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified:
+        raise bad_request("address not allowed")
+    if not port.isdigit():
+        raise ApiStatus(503, "ServiceUnavailable",
+                        f"error trying to reach service: dial tcp: address {ip}:{port}: unknown port")
+    return f"{ip}:{port}", int(port)
+
 
 def _log_container(pod: dict, container: str | None) -> str:
     """upstream's ValidateContainer (pkg/registry/core/pod/strategy.go)."""
@@ -1501,6 +1590,7 @@ class KubeFake:
         self.store = Store(clock)
         self.requests: list[RecordedRequest] = []
         self._forbidden_rules: list[Forbid] = []
+        self._backends: dict[tuple[str, str, int], str] = {}  # (namespace, pod, port) -> URL
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._httpd: _HTTPServer | None = None
@@ -1576,6 +1666,24 @@ class KubeFake:
         with self._lock:
             return [r for r in self.requests
                     if (method is None or r.method == method) and (path is None or r.path == path)]
+
+    # -- what listens in pods (the pod proxy's backends)
+
+    def pod_backend(self, namespace: str, pod: str, port: int, url: str | None) -> None:
+        """Make ``url`` (``http://127.0.0.1:PORT``) what listens on ``port`` of ``pod``:
+        the pod proxy (``pods/NAME:PORT/proxy/PATH``) forwards ``GET PATH`` there. None:
+        nothing listens on it (503, as for a port no process listens on). The pod itself
+        must exist (else 404) and have an IP (else 400): the controller gives one from
+        its second state on."""
+        with self._lock:
+            if url is None:
+                self._backends.pop((namespace, pod, int(port)), None)
+            else:
+                self._backends[(namespace, pod, int(port))] = url
+
+    def _backend(self, namespace: str, pod: str, port: int) -> str | None:
+        with self._lock:
+            return self._backends.get((namespace, pod, port))
 
     # -- authorization
 

@@ -13,12 +13,15 @@ import base64
 import copy
 import json
 import os
+import shlex
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -47,6 +50,47 @@ class Cluster:
     namespace: str
     kube: KubeFake | None = None
     controller: Controller | None = None
+    kubeconfig: str | None = None
+    _closers: list = field(default_factory=list)
+
+    def kube_client(self):
+        """mlbuild's own client (mlbuild/kube/client.py) on this cluster and namespace."""
+        from mlbuild.kube.client import KubeClient
+
+        return KubeClient(None, self.namespace, kubeconfig=self.kubeconfig)
+
+    def start_pod_serving(self, name: str, port: int, files: dict[str, str]) -> None:
+        """A running pod whose ``port`` serves ``files`` (name -> text) over HTTP; a
+        real cluster's is busybox httpd, the fake's a server on 127.0.0.1 that the
+        pod proxy forwards to (``pod_backend``)."""
+        script = "mkdir -p /tmp/www && cd /tmp/www && " + " && ".join(
+            f"printf %s {shlex.quote(text)} > {shlex.quote(f)}" for f, text in files.items()) \
+            + f" && exec httpd -f -p {port} -h /tmp/www"
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {MANAGED: "mlbuild"}},
+               "spec": {"containers": [{"name": "main", "image": "busybox:1.36", "command": ["sh", "-c", script],
+                                        "ports": [{"containerPort": port, "name": "http"}]}],
+                        "terminationGracePeriodSeconds": 0}}
+        apply_retrying(self.client, pod)
+        if self.controller is not None:
+            self.controller.run_pod(self.namespace, name)
+            server = serve_files(files)
+            self._closers.append(server.shutdown)
+            self._closers.append(server.server_close)
+            self.kube.pod_backend(self.namespace, name, port, f"http://127.0.0.1:{server.server_address[1]}")
+            return
+        deadline = time.monotonic() + 120
+        first = next(iter(files))
+        while time.monotonic() < deadline:  # running, and httpd listening
+            got = self.client.get(Pod, name)
+            if got.status and got.status.phase == "Running" and \
+                    self.kube_client().proxy_get(name, port, first)[0] == 200:
+                return
+            time.sleep(0.5)
+        pytest.fail(f"pod {name} did not serve on port {port} within 120 s")
+
+    def close(self) -> None:
+        for close in self._closers:
+            close()
 
     def start_pod_with_logs(self, name: str, lines: list[str], late_line: str) -> None:
         """A running pod whose container printed ``lines`` and prints ``late_line`` a
@@ -71,6 +115,29 @@ class Cluster:
         if self.controller is not None:
             self.controller.log(pod, "main", line, namespace=self.namespace)
         # a real pod prints it by itself
+
+
+def serve_files(files: dict[str, str], delay: float = 0.0) -> ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 (in a thread) answering ``GET /NAME`` with
+    ``files[NAME]`` (after ``delay`` seconds), else 404 with a text body."""
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(delay)
+            text = files.get(self.path.lstrip("/"))
+            data = (text if text is not None else "404 Not Found\n").encode()
+            self.send_response(200 if text is not None else 404)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
 
 
 def apply_retrying(client: Client, obj: dict, **kw):
@@ -102,9 +169,11 @@ def cluster(request, tmp_path) -> Iterator[Cluster]:
     admin = Client(config, field_manager="mlbuild")
     admin.create(Namespace(metadata=ObjectMeta(name=namespace)))
     client = Client(config, namespace=namespace, field_manager="mlbuild")
+    c = Cluster(request.param, client, namespace, kube, Controller(kube) if kube else None, str(path))
     try:
-        yield Cluster(request.param, client, namespace, kube, Controller(kube) if kube else None)
+        yield c
     finally:
+        c.close()
         admin.delete(Namespace, namespace)
         client.close()
         admin.close()
@@ -118,7 +187,9 @@ def fake(tmp_path) -> Iterator[Cluster]:
         kube.add_namespace("ml")
         path = kube.write_kubeconfig(tmp_path / "kubeconfig", namespace="ml")
         client = Client(KubeConfig.from_file(path), field_manager="mlbuild")
-        yield Cluster("fake", client, "ml", kube, Controller(kube))
+        c = Cluster("fake", client, "ml", kube, Controller(kube), str(path))
+        yield c
+        c.close()
         client.close()
 
 
@@ -371,6 +442,92 @@ def test_log_errors_say_what_the_kubelet_says(fake: Cluster):
     with pytest.raises(ApiError) as info:
         list(c.log("two", container="c"))
     assert info.value.status.message == "container c is not valid for pod two"
+
+
+# --------------------------------------------------------------------------- pod proxy
+
+
+def _status_of(body: str) -> dict | None:
+    """The API server's Status in a proxied answer, or None (the program's own)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and doc.get("kind") == "Status" else None
+
+
+def test_pod_proxy_reaches_a_port_of_a_pod(cluster: Cluster):
+    cluster.start_pod_serving("web-0", 8080, {"metrics": "mlbuild_up 1\n"})
+    k = cluster.kube_client()
+    assert k.proxy_get("web-0", 8080, "metrics") == (200, "mlbuild_up 1\n")
+    assert k.proxy_get("web-0", 8080, "/metrics") == (200, "mlbuild_up 1\n")
+    code, body = k.proxy_get("web-0", 8080, "nothing")  # the program's own 404 comes through
+    assert code == 404 and _status_of(body) is None
+
+    code, body = k.proxy_get("web-0", 8081, "metrics")  # nothing listens there
+    status = _status_of(body)
+    assert (code, status["code"], status["reason"]) == (503, 503, "ServiceUnavailable"), body
+    assert status["message"].startswith("error trying to reach service: dial tcp "), status
+    assert status["message"].endswith(":8081: connect: connection refused"), status
+
+    code, body = k.proxy_get("no-such-pod", 8080, "metrics")
+    status = _status_of(body)
+    assert (code, status["reason"], status["message"]) == (404, "NotFound", 'pods "no-such-pod" not found')
+
+
+def test_pod_proxy_to_a_pod_without_an_address_is_400(cluster: Cluster):
+    # Never scheduled (a node selector no node matches): no IP, nothing to dial.
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nowhere", "labels": {MANAGED: "mlbuild"}},
+           "spec": {"containers": [{"name": "main", "image": "busybox:1.36"}],
+                    "nodeSelector": {"mlbuild.dev/no-such-node": "true"}}}
+    apply_retrying(cluster.client, pod)
+    code, body = cluster.kube_client().proxy_get("nowhere", 8080, "metrics")
+    status = _status_of(body)
+    assert (code, status["reason"], status["message"]) == (400, "BadRequest", "address not allowed"), body
+
+
+def test_pod_proxy_backends_of_the_fake(fake: Cluster):
+    from mlbuild.kube.client import Unreachable
+
+    k, kube = fake.kube_client(), fake.kube
+    fake.client.apply(from_dict({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                                 "spec": {"containers": [{"name": "c", "image": "busybox",
+                                                          "ports": [{"containerPort": 5001}]}]}}))
+    fake.controller.run_pod("ml", "p")
+    ip = kube.get("Pod", "ml", "p")["status"]["podIP"]
+    # Registered, but its process is gone: as a port nobody listens on.
+    with socket.socket() as gone:
+        gone.bind(("127.0.0.1", 0))  # a free port, not listening
+        kube.pod_backend("ml", "p", 5001, f"http://127.0.0.1:{gone.getsockname()[1]}")
+        code, body = k.proxy_get("p", 5001, "metrics")
+    assert (code, _status_of(body)["message"]) == (
+        503, f"error trying to reach service: dial tcp {ip}:5001: connect: connection refused")
+    # Each port is its own backend; the query string goes along.
+    slow = serve_files({"metrics": "x 1\n"}, delay=0.5)
+    try:
+        kube.pod_backend("ml", "p", 5001, f"http://127.0.0.1:{slow.server_address[1]}")
+        assert k.proxy_get("p", 5001, "metrics", timeout=5) == (200, "x 1\n")
+        assert k.proxy_get("p", 5002, "metrics")[0] == 503
+        req = urllib.request.Request(kube.url + "/api/v1/namespaces/ml/pods/p/proxy/metrics",
+                                     headers={"Authorization": f"Bearer {kube.token}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:  # no port: the pod's first
+            assert resp.read() == b"x 1\n"
+        # Too slow for the caller: Unreachable, saying which pod.
+        with pytest.raises(Unreachable, match="pod p did not answer on port 5001 within 0.1 s"):
+            k.proxy_get("p", 5001, "metrics", timeout=0.1)
+    finally:
+        slow.shutdown()
+        slow.server_close()
+    assert kube.requests_to("GET", "/api/v1/namespaces/ml/pods/p:5001/proxy/metrics")
+    # RBAC: get on pods/proxy.
+    kube.forbid("pods/proxy", verbs=["get"])
+    with pytest.raises(Unreachable, match=r'not allowed \(403\).*cannot get resource "pods/proxy"'):
+        k.proxy_get("p", 5001, "metrics")
+    kube.allow_all()
+    code, status = _raw(fake, "GET", "/api/v1/namespaces/ml/pods/a:b:c:d/proxy/metrics")
+    assert (code, status["message"]) == (400, 'invalid pod request "a:b:c:d"')
+    code, status = _raw(fake, "POST", "/api/v1/namespaces/ml/pods/p:5001/proxy/score", b"{}")
+    assert code == 405  # the fake proxies GET only
 
 
 # --------------------------------------------------------------------------- auth, errors, request log
