@@ -1107,16 +1107,19 @@ async def _stream(send, result, headers, runner: RunThread | None = None,
 
     A sync iterator is advanced off the event loop -- in the run thread when there is
     one, else in the loop's default executor -- so a slow item (a generator that waits
-    for its next token) holds neither other requests nor health checks.
+    for its next token) holds neither other requests nor health checks. The generator's
+    code runs with the request's id as run()'s does (ModelDataCollector records it).
     """
     await send({"type": "http.response.start", "status": status, "headers": headers})
+    rid = headers[0][1]  # x-request-id comes first
     try:
         if hasattr(result, "__anext__"):
+            compat.tag_this_task(rid)  # an async generator runs in the request's task
             async for item in result:
                 await send({"type": "http.response.body", "body": _chunk(item), "more_body": True})
         else:
             iterator = iter(result)
-            step = functools.partial(next, iterator, _END)
+            step = compat.with_request_id(functools.partial(next, iterator, _END), rid)
             loop = asyncio.get_running_loop()
             while True:
                 if runner is not None:

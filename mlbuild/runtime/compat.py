@@ -58,6 +58,12 @@ def _run_tagged(run, request_id, *args, **kwargs):
     return run(*args, **kwargs)
 
 
+def tag_this_task(request_id) -> None:
+    """Set :data:`CURRENT_REQUEST_ID` in the running task's context (when tagging is on)."""
+    if _tag_requests:
+        CURRENT_REQUEST_ID.set(request_id)
+
+
 def with_request_id(run, request_id):
     """``run``, setting :data:`CURRENT_REQUEST_ID` when called (in whichever thread runs
     it; an ``async def run`` gets it when its coroutine is made, in the request's task)."""

@@ -24,8 +24,9 @@ JSON lines, one per ``collect()`` call::
 "default"); ``version`` is the model's version in the model dir (``MODEL_DIR/NAME/VERSION``
 with several models, ``.../NAME/VERSION`` as the model dir with one), else "unknown";
 the date is the record's, in UTC. ``request_id`` is the ``x-request-id`` of the request
-whose run() called collect() (compat.CURRENT_REQUEST_ID; null outside a request and in
-batched runs).
+whose run() (or the generator it returned, as it streams) called collect()
+(compat.CURRENT_REQUEST_ID; null outside a request and in batched runs, whose one run()
+serves several requests).
 
 NOTE on the request path: ``collect()`` turns the data into plain lists (numpy's
 ``tolist``, a DataFrame's columns and values) -- so a script may reuse its buffers at

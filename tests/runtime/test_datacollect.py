@@ -316,3 +316,36 @@ def test_a_stuck_destination_drops_when_the_queue_is_full(start_server, app, tmp
     output = server.output()
     assert "the queue is full" in output
     assert _summary(output) == (0, 101 * COLLECTORS)
+
+
+STREAMING_SCRIPT = """
+    from azureml.monitoring import ModelDataCollector
+
+    def init():
+        global dc
+        dc = ModelDataCollector("echo", designation="inputs", feature_names=["token"])
+
+    {kind}def run(raw_data):
+        for token in raw_data.split():
+            dc.collect([[token]])
+            yield token + " "
+"""
+
+
+@pytest.mark.parametrize("kind", ["", "async "])
+def test_a_streamed_answers_records_carry_its_request_id(start_server, tmp_path, kind):
+    """run() returning a generator: its code runs as the answer streams, after run()
+    returned, and what it collects still names the request."""
+    out = tmp_path / "modeldata"
+    script = write_script(tmp_path, STREAMING_SCRIPT.replace("{kind}", kind))
+    server = start_server(["--entry-script", str(script)],
+                          env={"MLBUILD_COLLECT_MODEL_DATA": "1",
+                               "MLBUILD_MODEL_DATA_DIR": str(out)})
+    for rid, text in (("rid-a", "one two"), ("rid-b", "three")):
+        resp = server.post(body=text, headers={"x-request-id": rid,
+                                               "Content-Type": "text/plain"})
+        assert resp.status == 200 and resp.text == "".join(t + " " for t in text.split())
+    got = _wait_for(lambda: (r := _records(out)) and sum(map(len, r.values())) == 3 and r)
+    records = [rec for recs in got.values() for rec in recs]
+    assert sorted((r["data"][0]["token"], r["request_id"]) for r in records) == \
+        [("one", "rid-a"), ("three", "rid-b"), ("two", "rid-a")], records
