@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import urllib.request
 from pathlib import Path
@@ -31,17 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "condafixture"))
 from condachannel import V1_SPEC, make_channel, with_interpreter
 from fakemicromamba import write_solver
 
-from clitools import CLI
+from clitools import CLI, free_port
 
 from mlbuild.backends import conda
 
 TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

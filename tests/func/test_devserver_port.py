@@ -19,14 +19,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from clitools import free_port
 
 SAMPLE = Path("samples/input.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Serve:

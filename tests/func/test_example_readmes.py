@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,17 +33,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from clitools import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 TESTED = {"diabetes", "multi-model", "onnx-nocode"}  # one test each, below
 README_PORT = "5001"  # the port the READMEs' own commands name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sh_commands(readme: str) -> list[str]:

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from clitools import free_port
 
 from mlbuild.errors import InvalidInput
 from mlbuild.profile.loadgen import build_requests, generate_load
@@ -55,12 +56,6 @@ APP = textwrap.dedent("""\
                                 (b"content-length", str(len(out)).encode())]})
         await send({"type": "http.response.body", "body": out})
     """ % SLEEP_S)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_ns(pid: int) -> int:

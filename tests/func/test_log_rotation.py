@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -18,16 +17,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from clitools import CLI
+from clitools import CLI, free_port
 
 MAX = 32 * 1024  # more than a burst of access lines (the runtime writes them in batches)
 N = 150
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: bytes, key: str) -> int:

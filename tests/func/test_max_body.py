@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from clitools import CLI
+from clitools import CLI, free_port
 
 SAMPLE = Path("samples/input.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def set_limit(proj: Path, mb: float | None, port: int | None = None) -> None:

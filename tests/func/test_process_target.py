@@ -23,15 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from clitools import CLI
+from clitools import CLI, free_port
 
 SAMPLE = Path("samples/input.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def use_port(proj: Path, port: int) -> None:

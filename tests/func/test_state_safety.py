@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from clitools import CLI, copy_example
+from clitools import CLI, copy_example, free_port
 
 NOT_A_CORRUPTION = ("unreadable", "move it aside", "mv ", "Traceback", "mlbuild broke")
 
@@ -131,14 +131,6 @@ def test_full_disk_is_said_so_and_the_state_survives(small_disk, trained_models,
 
 
 # -- a lost state database -------------------------------------------------------------
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def score(url: str, key: str, proj: Path) -> int:
     req = urllib.request.Request(url + "/score", data=(proj / "samples/input.json").read_bytes(),

@@ -8,8 +8,8 @@ import json
 import urllib.request
 
 import pytest
-from clitools import CLI
-from test_process_target import SAMPLE, free_port, keys_of, post, status_of, use_port
+from clitools import CLI, free_port
+from test_process_target import SAMPLE, keys_of, post, status_of, use_port
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from clitools import CLI
+from clitools import CLI, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for kubefake
 from kubefake import Controller, KubeFake  # noqa: E402
@@ -65,12 +64,6 @@ def run(data):
         raise ValueError("asked to fail")  # the runtime answers 500
     return body
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Runtime:
